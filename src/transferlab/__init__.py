@@ -1,0 +1,3 @@
+"""transferlab: reproducible transfer learning for image classification."""
+
+__version__ = "0.1.0"

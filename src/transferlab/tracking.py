@@ -1,0 +1,287 @@
+"""Every MLflow call of transferlab lives in this module.
+
+Store
+    By default a SQLite database ``mlruns/mlflow.db`` (absolute path) with
+    artifacts under ``mlruns/artifacts``; MLflow 3.13+ refuses the plain file
+    store. ``MLFLOW_TRACKING_URI`` points everything at a server instead.
+
+What counts as one pipeline execution
+    All stages that one ``dvc repro`` / ``dvc exp run`` / ``make demo`` runs are
+    children of one parent run. Stages run as separate processes, so they agree
+    on an *execution key*: a hash of
+
+    - the git commit and dirty flag,
+    - ``DVC_EXP_NAME`` (set by ``dvc exp run``),
+    - the hash of the whole ``params.yaml``,
+    - the identity (pid + start time) of the ``dvc`` process that launched the
+      stage, found by walking up the process tree (Linux ``/proc``).
+
+    The first stage to run creates the parent run, tagged with the key; the next
+    stages find it by that tag. Without a ``dvc`` ancestor (a stage run by
+    hand, or a platform without ``/proc``) the first three parts alone decide.
+    ``TRANSFERLAB_EXECUTION`` overrides the whole key when set.
+    ``MLFLOW_RUN_ID`` is never exported; links go through ``parent_run_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from transferlab.io import atomic_write_text
+
+EXPERIMENT = "transferlab"
+STORE_DIR = "mlruns"
+TAG_KIND = "transferlab.kind"
+TAG_KEY = "transferlab.execution_key"
+TAG_STAGE = "transferlab.stage"
+TAG_PARAMS_HASH = "transferlab.params_hash"
+TAG_COMMIT = "git.commit"
+TAG_DIRTY = "git.dirty"
+TAG_EXP_NAME = "dvc.exp_name"
+BATCH = 1000  # MLflow's documented per-request limit for metrics in log_batch
+
+
+def tracking_uri(root: str | Path = ".") -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = (Path(root).resolve() / STORE_DIR / "mlflow.db").as_posix()
+    return f"sqlite:///{db}"
+
+
+def _artifact_root(root: str | Path) -> str | None:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None  # the server decides
+    return (Path(root).resolve() / STORE_DIR / "artifacts").as_uri()
+
+
+def client(root: str | Path = ".") -> Any:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:"):
+        (Path(root).resolve() / STORE_DIR).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(root: str | Path = ".", name: str = EXPERIMENT) -> str:
+    c = client(root)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(c.create_experiment(name, artifact_location=_artifact_root(root)))
+    except Exception:  # created concurrently by another stage
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def git_state(root: str | Path = ".") -> tuple[str, bool]:
+    """(commit, dirty) of the repo at ``root``; ("none", True) outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "none", True
+    return commit, dirty
+
+
+def _proc_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may contain spaces; fields after the closing paren are fixed
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _is_dvc(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    words = [Path(a.decode(errors="replace")).name for a in argv[:3]]
+    return "dvc" in words
+
+
+def dvc_invoker() -> str | None:
+    """pid:start-time of the nearest ``dvc`` ancestor process, if any."""
+    pid = os.getppid()
+    for _ in range(32):
+        if pid <= 1:
+            return None
+        if _is_dvc(pid):
+            start = _proc_start(pid)
+            return f"{pid}:{start}" if start else None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def execution_key(root: str | Path = ".", params_file: str | Path = "params.yaml") -> str:
+    override = os.environ.get("TRANSFERLAB_EXECUTION")
+    if override:
+        return override
+    commit, dirty = git_state(root)
+    path = Path(root) / params_file
+    params_digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+    parts = [commit, str(dirty), os.environ.get("DVC_EXP_NAME", ""), params_digest, dvc_invoker() or ""]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def _base_tags(root: str | Path, key: str) -> dict[str, str]:
+    commit, dirty = git_state(root)
+    tags = {TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(), TAG_KEY: key}
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        tags[TAG_EXP_NAME] = exp_name
+    return tags
+
+
+def parent_run(root: str | Path = ".", key: str | None = None) -> str:
+    """Id of the pipeline run for this execution, created on first use."""
+    c = client(root)
+    exp = experiment_id(root)
+    key = key or execution_key(root)
+    found = c.search_runs(
+        [exp],
+        filter_string=f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_KIND}` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return str(found[0].info.run_id)
+    tags = _base_tags(root, key) | {TAG_KIND: "pipeline"}
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    run = c.create_run(exp, run_name=f"pipeline {when}", tags=tags)
+    return str(run.info.run_id)
+
+
+@dataclass
+class StageRun:
+    """Handle a stage uses to log into its own MLflow run."""
+
+    run_id: str
+    parent_run_id: str
+    stage: str
+    _client: Any
+
+    def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten(params, prefix)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_history({k: [float(v)] for k, v in metrics.items()}, first_step=step)
+
+    def log_history(self, series: Mapping[str, list[float]], first_step: int = 0) -> None:
+        """Log whole metric curves (one value per step) in a few batched calls."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(name, float(v), now, first_step + i)
+            for name, values in series.items()
+            for i, v in enumerate(values)
+        ]
+        for i in range(0, len(metrics), BATCH):
+            self._client.log_batch(self.run_id, metrics=metrics[i : i + BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self._client.log_artifacts(self.run_id, str(p), artifact_path)
+        elif p.exists():
+            self._client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self._client.log_dict(self.run_id, obj, name)
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Mapping[str, Any],
+    record: str | Path,
+    root: str | Path = ".",
+) -> Iterator[StageRun]:
+    """One MLflow child run for one stage, inside this execution's parent run.
+
+    On success the run record (run ids, store, stage) is written atomically to
+    ``record``, a declared output of the stage, so outputs restored from the DVC
+    cache still name the run that produced them.
+    """
+    c = client(root)
+    exp = experiment_id(root)
+    key = execution_key(root)
+    parent = parent_run(root, key)
+    tags = _base_tags(root, key) | {
+        TAG_KIND: "stage",
+        TAG_STAGE: stage,
+        TAG_PARAMS_HASH: stable_hash(dict(params)),
+    }
+    import mlflow
+
+    run = mlflow.start_run(run_name=stage, experiment_id=exp, parent_run_id=parent, tags=tags)
+    handle = StageRun(str(run.info.run_id), parent, stage, c)
+    try:
+        handle.log_params(params)
+        yield handle
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+    c.set_terminated(parent, status="FINISHED")  # moves the parent's end time along
+    info = {
+        "stage": stage,
+        "run_id": handle.run_id,
+        "parent_run_id": parent,
+        "experiment_id": exp,
+        "tracking_uri": tracking_uri(root),
+        "execution_key": key,
+    }
+    atomic_write_text(record, json.dumps(info, indent=2) + "\n")
