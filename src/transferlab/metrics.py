@@ -1,0 +1,387 @@
+"""Model-agnostic evaluation: test metrics, calibration, bootstrap CIs, comparison tables.
+
+Everything here works on labels and probabilities only (no torch, MLflow or DVC), so
+heads and fine-tuned networks are scored by exactly the same code.
+
+Conventions:
+
+* ``classes`` fixes the order of everything class-indexed: the confusion matrix rows
+  (actual) and columns (predicted), the ``per_class`` entries and the columns of
+  ``proba``. Labels are mapped to indices in that order before calling scikit-learn,
+  because several scikit-learn metrics otherwise assume *sorted* labels.
+* Every returned dict is JSON-serializable: plain ``int``/``float``/``str``/``list``,
+  with non-finite floats written as ``None`` (JSON has no ``inf``/``nan``).
+* Test-set figures are for reporting only; :func:`select_best` picks the champion on
+  validation figures so the test split is never used for a decision.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from transferlab.io import atomic_path, atomic_write_text
+
+DEFAULT_N_BOOT = 2000
+DEFAULT_CI = 0.95
+# Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017) use 15 bins.
+ECE_BINS = 15
+# Caps the bootstrap index matrix (n_boot x N) so a large test split cannot exhaust
+# memory; resamples are drawn in row blocks of at most this many indices.
+BOOT_MAX_ELEMENTS = 1 << 22
+# Binary ROC: the second class is "positive" (its probability column is the score).
+POSITIVE_INDEX = 1
+# Probabilities from float32 softmax may miss [0, 1] by rounding only.
+PROBA_TOLERANCE = 1e-6
+
+HEAD_KINDS = ("head", "finetune")
+REQUIRED_RESULT_KEYS = ("model", "kind", "backbone", "accuracy", "accuracy_ci", "balanced_accuracy", "macro_f1")
+OPTIONAL_FLOAT_KEYS = ("log_loss", "ece", "train_seconds", "gflops")
+OPTIONAL_INT_KEYS = ("params_trainable", "params_frozen")
+TABLE_COLUMNS = (
+    "rank", "model", "kind", "backbone", "accuracy", "accuracy_95ci", "accuracy_ci_low", "accuracy_ci_high",
+    "balanced_accuracy", "macro_f1", "log_loss", "ece", "train_seconds", "params_trainable", "params_frozen", "gflops",
+)
+MARKDOWN_DECIMALS = 3
+VAL_LOSS_KEY = "val_log_loss"
+VAL_PREFIX = "val_"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _json_float(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    return [_json_float(v) for v in values]
+
+
+def _indices(labels: Sequence[str], index: dict[str, int], what: str) -> np.ndarray:
+    # Unknown labels would otherwise vanish silently from a labels=... confusion matrix.
+    unknown = sorted({str(label) for label in labels if label not in index})
+    if unknown:
+        raise ValueError(f"{what} contains labels not in classes: {unknown[:10]}")
+    return np.fromiter((index[label] for label in labels), dtype=np.intp, count=len(labels))
+
+
+def _class_index(classes: Sequence[str]) -> dict[str, int]:
+    if len(classes) < 2:
+        raise ValueError(f"need at least two classes, got {list(classes)}")
+    index = {label: i for i, label in enumerate(classes)}
+    if len(index) != len(classes):
+        raise ValueError(f"classes must be unique, got {list(classes)}")
+    return index
+
+
+def _check_proba(proba: Any, n: int, k: int) -> np.ndarray:
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape != (n, k):
+        raise ValueError(f"proba must have shape (n_samples, n_classes) = {(n, k)}, got {proba.shape}")
+    if not np.all(np.isfinite(proba)):
+        raise ValueError("proba contains non-finite values")
+    if proba.min() < -PROBA_TOLERANCE or proba.max() > 1 + PROBA_TOLERANCE:
+        raise ValueError(f"proba must lie in [0, 1], got [{proba.min()}, {proba.max()}]")
+    return np.clip(proba, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def bootstrap_ci(
+    correct: np.ndarray, n_boot: int = DEFAULT_N_BOOT, seed: int = 0, ci: float = DEFAULT_CI
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``correct`` (0/1 per test image).
+
+    Test images are resampled with replacement ``n_boot`` times from
+    ``numpy.random.default_rng(seed)``; the result is deterministic for a given seed.
+    """
+    correct = np.asarray(correct, dtype=np.float64).ravel()
+    n = correct.size
+    if n == 0:
+        raise ValueError("bootstrap_ci needs at least one observation")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    rng = np.random.default_rng(seed)
+    block = max(1, BOOT_MAX_ELEMENTS // n)
+    means = np.concatenate([
+        correct[rng.integers(0, n, size=(min(block, n_boot - start), n))].mean(axis=1)
+        for start in range(0, n_boot, block)
+    ])
+    alpha = 1.0 - ci
+    low, high = np.quantile(means, [alpha / 2, 1.0 - alpha / 2])
+    return float(low), float(high)
+
+
+def expected_calibration_error(y_true_idx: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top-1 prediction (Guo et al. 2017).
+
+    Confidences are put in ``n_bins`` equal-width bins ``((m-1)/M, m/M]`` (a confidence
+    of 0 goes to the first bin); ECE = sum_b |acc_b - conf_b| * n_b / N.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    y_true_idx = np.asarray(y_true_idx).ravel()
+    if proba.ndim != 2 or proba.shape[0] != y_true_idx.size or y_true_idx.size == 0:
+        raise ValueError(f"need proba (N, K) with N = len(y_true_idx) > 0, got {proba.shape}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    confidence = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true_idx).astype(np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.intp) - 1, 0, n_bins - 1)
+    # |acc_b - conf_b| * n_b equals |sum of correct - sum of confidence| within bin b.
+    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=confidence, minlength=n_bins)
+    return float(np.abs(gap).sum() / y_true_idx.size)
+
+
+def _per_class(t: np.ndarray, p: np.ndarray, classes: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    precision, recall, f1, support = precision_recall_fscore_support(
+        t, p, labels=np.arange(len(classes)), zero_division=0
+    )
+    return {
+        str(c): {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                 "support": int(support[i])}
+        for i, c in enumerate(classes)
+    }
+
+
+def _balanced_accuracy(cm: np.ndarray) -> float:
+    # Mean recall over classes present in y_true, as sklearn's balanced_accuracy_score,
+    # without its warning when a prediction names a class absent from y_true.
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def _roc(t: np.ndarray, proba: np.ndarray) -> tuple[float | None, dict[str, list] | None]:
+    positive = t == POSITIVE_INDEX
+    if positive.all() or not positive.any():
+        return None, None  # undefined with a single class in y_true
+    score = proba[:, POSITIVE_INDEX]
+    fpr, tpr, thresholds = roc_curve(positive, score)
+    # thresholds[0] is +inf ("nothing is positive"); JSON has no inf, so it becomes null.
+    curve = {"fpr": _json_floats(fpr), "tpr": _json_floats(tpr), "thresholds": _json_floats(thresholds)}
+    return float(roc_auc_score(positive, score)), curve
+
+
+def evaluate_predictions(
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    classes: Sequence[str],
+    proba: np.ndarray | None = None,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+    ci: float = DEFAULT_CI,
+    n_bins: int = ECE_BINS,
+) -> dict[str, Any]:
+    """Score predictions on a test split; returns a JSON-serializable dict.
+
+    Keys: ``n``, ``accuracy``, ``accuracy_ci`` ([low, high], percentile bootstrap over
+    test images), ``balanced_accuracy``, ``macro_f1`` (over all ``classes``; a class with
+    no true and no predicted image scores 0), ``errors``, ``per_class``
+    ({class: {precision, recall, f1, support}}, zero_division=0) and ``confusion``
+    (rows = actual, columns = predicted, both in ``classes`` order).
+
+    With ``proba`` (N x K, columns in ``classes`` order) also ``log_loss``, ``ece``
+    (``n_bins`` bins) and, for exactly two classes, ``roc_auc`` and ``roc``
+    ({fpr, tpr, thresholds}). The positive class is ``classes[1]`` and its score is
+    ``proba[:, 1]``. The first threshold (+inf in scikit-learn) is written as ``null``.
+    When y_true holds a single class, ROC is undefined and both keys are ``None``.
+
+    Deterministic for a given ``seed``.
+    """
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true and y_pred differ in length: {len(y_true)} vs {len(y_pred)}")
+    if len(y_true) == 0:
+        raise ValueError("no predictions to evaluate")
+    index = _class_index(classes)
+    t = _indices(y_true, index, "y_true")
+    p = _indices(y_pred, index, "y_pred")
+    k = len(classes)
+    correct = t == p
+    cm = confusion_matrix(t, p, labels=np.arange(k))
+    low, high = bootstrap_ci(correct, n_boot=n_boot, seed=seed, ci=ci)
+    result: dict[str, Any] = {
+        "n": int(t.size),
+        "accuracy": float(correct.mean()),
+        "accuracy_ci": [low, high],
+        "balanced_accuracy": _balanced_accuracy(cm),
+        "macro_f1": float(f1_score(t, p, labels=np.arange(k), average="macro", zero_division=0)),
+        "errors": int((~correct).sum()),
+        "per_class": _per_class(t, p, classes),
+        "confusion": cm.astype(int).tolist(),
+    }
+    if proba is None:
+        return result
+    proba = _check_proba(proba, t.size, k)
+    # Integer labels keep the columns in `classes` order (string labels would be sorted).
+    result["log_loss"] = float(log_loss(t, proba, labels=np.arange(k)))
+    result["ece"] = expected_calibration_error(t, proba, n_bins)
+    if k == 2:
+        result["roc_auc"], result["roc"] = _roc(t, proba)
+    return result
+
+
+def confusion_rows(y_true: Sequence[str], y_pred: Sequence[str], model: str) -> list[dict[str, str]]:
+    """One row per test image for DVC's ``confusion`` plot template (x: actual, y: predicted)."""
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true and y_pred differ in length: {len(y_true)} vs {len(y_pred)}")
+    return [{"model": model, "actual": str(a), "predicted": str(b)} for a, b in zip(y_true, y_pred)]
+
+
+def plot_confusion_png(confusion: list[list[int]], classes: Sequence[str], title: str, path: Path) -> None:
+    """Write the confusion matrix as an annotated PNG, atomically.
+
+    Uses the object-oriented Agg canvas, so pyplot's global backend state is untouched.
+    """
+    # Imported here: only this function needs matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(confusion, dtype=np.int64)
+    k = len(classes)
+    if cm.shape != (k, k):
+        raise ValueError(f"confusion must be {k}x{k} for {k} classes, got shape {cm.shape}")
+    side = min(max(4.0, 0.6 * k + 2.0), 30.0)  # readable cells without giant images
+    fig = Figure(figsize=(side, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(cm, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="actual", title=title)
+    ax.set_xticklabels([str(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticklabels([str(c) for c in classes])
+    threshold = cm.max() / 2 if cm.size else 0
+    for (i, j), count in np.ndenumerate(cm):
+        # White text on dark cells, black on light ones.
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        # No "Software" tag: identical matrices give identical bytes across matplotlib versions.
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _result_row(result: dict[str, Any]) -> dict[str, Any]:
+    missing = [key for key in REQUIRED_RESULT_KEYS if key not in result]
+    if missing:
+        raise ValueError(f"result {result.get('model', '?')!r} lacks {missing}")
+    if result["kind"] not in HEAD_KINDS:
+        raise ValueError(f"result {result['model']!r}: kind must be one of {HEAD_KINDS}, got {result['kind']!r}")
+    low, high = (float(v) for v in result["accuracy_ci"])
+    row: dict[str, Any] = {
+        "model": str(result["model"]), "kind": result["kind"], "backbone": str(result["backbone"]),
+        "accuracy": float(result["accuracy"]),
+        "accuracy_95ci": f"{float(result['accuracy']):.3f} [{low:.3f}, {high:.3f}]",
+        "accuracy_ci_low": low, "accuracy_ci_high": high,
+        "balanced_accuracy": float(result["balanced_accuracy"]), "macro_f1": float(result["macro_f1"]),
+    }
+    for key in OPTIONAL_FLOAT_KEYS:
+        value = result.get(key)
+        row[key] = math.nan if value is None else float(value)
+    for key in OPTIONAL_INT_KEYS:
+        value = result.get(key)
+        row[key] = pd.NA if value is None else int(value)
+    return row
+
+
+def comparison_table(results: list[dict]) -> pd.DataFrame:
+    """One row per model, best first, with a 1-based ``rank``.
+
+    Order: test accuracy desc, macro-F1 desc, log loss asc (missing last), model name.
+    This ranks for *reporting*; choose the champion with :func:`select_best`.
+    ``accuracy_95ci`` reads like "0.951 [0.915, 0.980]" (the results' ``accuracy_ci``,
+    95% with the default of :func:`evaluate_predictions`). Missing optional figures
+    are NaN (float columns) or <NA> (integer columns).
+    """
+    rows = [_result_row(r) for r in results]
+    names = [row["model"] for row in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate model names: {sorted({n for n in names if names.count(n) > 1})}")
+    table = pd.DataFrame(rows, columns=[c for c in TABLE_COLUMNS if c != "rank"])
+    for key in OPTIONAL_INT_KEYS:
+        table[key] = table[key].astype("Int64")
+    for key in OPTIONAL_FLOAT_KEYS:
+        table[key] = table[key].astype("float64")
+    table = table.sort_values(
+        ["accuracy", "macro_f1", "log_loss", "model"],
+        ascending=[False, False, True, True],
+        na_position="last",
+        kind="stable",
+    ).reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table
+
+
+def _markdown_cell(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{MARKDOWN_DECIMALS}f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table: floats with 3 decimals, ints as is, missing empty."""
+    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
+    lines = [
+        "| " + " | ".join(str(c) for c in table.columns) + " |",
+        "|" + "|".join("---:" if num else ":---" for num in numeric) + "|",
+    ]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_markdown_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(table: pd.DataFrame, csv_path: Path, md_path: Path) -> None:
+    """Write ``table`` as CSV (full precision, missing empty) and as Markdown, each atomically."""
+    atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(md_path, _markdown_table(table))
+
+
+def select_best(results: list[dict], key: str = "val_accuracy", *, maximize: bool = True) -> dict:
+    """The champion by a VALIDATION figure ``key``; never pass a test figure.
+
+    Choosing on test accuracy would leak the test split into the decision and bias the
+    reported test score upwards, so ``key`` must start with ``val_`` and every result
+    must have it. Ties go to the lower ``val_log_loss`` (missing counts as worst), then
+    to the smaller model name, so the choice is deterministic. ``maximize=False`` is for
+    lower-is-better keys such as ``val_log_loss``.
+    """
+    if not results:
+        raise ValueError("no results to select from")
+    if not key.startswith(VAL_PREFIX):
+        raise ValueError(f"select on a validation figure ({VAL_PREFIX}*), got {key!r}")
+    for result in results:
+        value = result.get(key)
+        if value is None or not math.isfinite(float(value)):
+            raise ValueError(f"result {result.get('model', '?')!r} has no finite {key!r}")
+
+    def order(result: dict) -> tuple[float, float, str]:
+        value = float(result[key])
+        loss = result.get(VAL_LOSS_KEY)
+        loss = math.inf if loss is None or math.isnan(float(loss)) else float(loss)
+        return (-value if maximize else value, loss, str(result.get("model", "")))
+
+    return min(results, key=order)
