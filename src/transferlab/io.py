@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 CHUNK = 1 << 20
+DEFAULT_FILE_MODE = 0o666
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -25,6 +32,8 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; outputs should get the usual umask-based mode
+    tmp_path.chmod(DEFAULT_FILE_MODE & ~_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, target)
