@@ -1,0 +1,476 @@
+"""Ingest: decode every raw file once into upright, RGB, shrunk JPEGs.
+
+Layouts of ``raw_dir``
+- ``root/<class>/<files>``: one folder per class.
+- ``root/{train,val,test}/<class>/<files>``: the dataset's own split; any of the
+  three folders present selects this layout and every file records its folder.
+
+Only files directly inside a class folder are read. Hidden files (``.DS_Store``,
+``._x.jpg``) and OS metadata (``__MACOSX``, ``Thumbs.db``) are ignored; any
+other file elsewhere is reported as ``misplaced`` so nothing disappears silently.
+
+Outputs in ``out_dir`` (replaced as a whole, so a failed run leaves it as it was)
+- ``images/[<folder split>/]<class>/<safe stem>-<sha256[:8]>.jpg``
+- ``manifest.csv``: path, label, sha256, width, height, folder_split, source
+- ``report.json``: kept counts per class, every rejected file with a reason,
+  groups of exact duplicates among kept files (all kept: the split stage keeps
+  each group in one part).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import re
+import unicodedata
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from tqdm import tqdm
+
+from transferlab.config import PARTS, IngestParams
+from transferlab.io import atomic_dir, sha256_bytes
+
+# q95 keeps re-encoding loss far below what augmentation and the backbone's own
+# resize do, at ~1/5 of the size of a lossless PNG of the same photo.
+JPEG_QUALITY = 95
+OUTPUT_SUFFIX = ".jpg"
+IMAGES_DIR = "images"
+MANIFEST_NAME = "manifest.csv"
+REPORT_NAME = "report.json"
+MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "folder_split", "source"]
+
+BYTES_PER_MB = 1024 * 1024
+SHA_PREFIX_CHARS = 8
+# 60 characters of up to 4 UTF-8 bytes each, plus "-<sha8>-<n>.jpg", stays under
+# the 255-byte file name limit of common file systems.
+MAX_STEM_CHARS = 60
+FALLBACK_STEM = "image"
+# Reduce by whole factors first, then LANCZOS the last < 3x: Pillow documents this
+# as indistinguishable from a full LANCZOS and it is several times faster.
+REDUCING_GAP = 3.0
+WHITE = (255, 255, 255, 255)
+UINT8_MAX = 255
+UINT16_MAX = 65535
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# EXIF orientations 5-8 include a 90 degree turn: width and height trade places.
+AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# Pillow opens EPS by running Ghostscript, an external interpreter: not for untrusted files.
+UNSAFE_FORMATS = frozenset({"EPS"})
+# Folders and files that operating systems and archivers add beside user data.
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+
+# Rejection reasons: stable codes for scripts; the detail is for humans.
+MISPLACED = "misplaced"
+UNREADABLE = "unreadable"
+EMPTY_FILE = "empty_file"
+FILE_TOO_LARGE = "file_too_large"
+NOT_AN_IMAGE = "not_an_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+
+LAYOUT_FOLDERS = "folders"
+LAYOUT_FLAT = "flat"
+LAYOUT_HELP = "expected root/<class>/<images> or root/{train,val,test}/<class>/<images>"
+
+
+class IngestError(ValueError):
+    """The raw data cannot make a usable dataset; out_dir was left as it was."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file directly inside a class folder, still to be decoded."""
+
+    path: Path  # where to read it
+    source: str  # posix path relative to raw_dir, as reported everywhere
+    label: str
+    folder_split: str  # "train", "val" or "test" in a folder-split layout, else ""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    kind: str
+    classes: list[str]
+    candidates: list[Candidate]
+    strays: list[str]  # source paths of files outside any class folder
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    image: Image.Image
+    sha256: str
+    width: int  # of the upright original, before shrinking
+    height: int
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def _visible(entry: Path) -> bool:
+    return not entry.name.startswith(".") and entry.name not in IGNORED_NAMES
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted((e for e in folder.iterdir() if _visible(e)), key=lambda e: e.name)
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    for entry in _entries(folder):
+        if entry.is_dir():
+            yield from _files_under(entry)
+        else:
+            yield entry
+
+
+def _label(name: str) -> str:
+    # macOS stores names decomposed (NFD): normalise so a class is one label everywhere
+    return unicodedata.normalize("NFC", name)
+
+
+def _layout(raw_dir: Path) -> _Layout:
+    def rel(p: Path) -> str:
+        return p.relative_to(raw_dir).as_posix()
+
+    top = _entries(raw_dir)
+    dirs = [d for d in top if d.is_dir()]
+    strays = [rel(f) for f in top if not f.is_dir()]
+    folder_split = any(d.name in PARTS for d in dirs)
+    class_dirs: list[tuple[Path, str]] = []  # (class folder, folder split)
+    for d in dirs:
+        if not folder_split:
+            class_dirs.append((d, ""))
+        elif d.name in PARTS:
+            for entry in _entries(d):
+                if entry.is_dir():
+                    class_dirs.append((entry, d.name))
+                else:
+                    strays.append(rel(entry))
+        else:
+            strays.extend(rel(f) for f in _files_under(d))
+    candidates = []
+    for folder, split in class_dirs:
+        for entry in _entries(folder):
+            if entry.is_dir():
+                strays.extend(rel(f) for f in _files_under(entry))
+            else:
+                candidates.append(Candidate(entry, rel(entry), _label(folder.name), split))
+    return _Layout(
+        kind=LAYOUT_FOLDERS if folder_split else LAYOUT_FLAT,
+        classes=sorted({_label(folder.name) for folder, _ in class_dirs}),
+        candidates=sorted(candidates, key=lambda c: c.source),
+        strays=sorted(strays),
+    )
+
+
+def discover(raw_dir: Path) -> list[Candidate]:
+    """Every visible file directly inside a class folder of ``raw_dir``, sorted by source."""
+    return _layout(Path(raw_dir)).candidates
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@contextlib.contextmanager
+def _strict_pillow(max_pixels: int) -> Iterator[None]:
+    """Pillow's bomb limit and truncation switch are module globals: set them for one call.
+
+    Another caller (a DataLoader, a notebook) may have relaxed either; a
+    truncated photo must be rejected here, not padded with grey.
+    """
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x the limit; ours is a hard limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _read(path: Path, max_file_mb: float) -> bytes:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _Reject(UNREADABLE, str(exc)) from exc
+    if size == 0:
+        raise _Reject(EMPTY_FILE, "the file has 0 bytes")
+    if size > max_file_mb * BYTES_PER_MB:
+        raise _Reject(
+            FILE_TOO_LARGE,
+            f"{size / BYTES_PER_MB:.1f} MB is over ingest.max_file_mb = {max_file_mb}",
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _Reject(UNREADABLE, str(exc)) from exc
+
+
+def _shrunk_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """Size with the shorter side at most ``max_side``, aspect kept, never larger."""
+    width, height = size
+    shorter = min(width, height)
+    if shorter <= max_side:
+        return size
+    scale = max_side / shorter
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    # Pillow's own convert("L") clips at 255, turning a 16-bit photo almost white:
+    # scale 0..65535 onto 0..255 instead, rounding half up.
+    data = np.clip(np.asarray(img).astype(np.int64), 0, UINT16_MAX)
+    eight = (data * UINT8_MAX + UINT16_MAX // 2) // UINT16_MAX
+    return Image.fromarray(eight.astype(np.uint8)).convert("RGB")
+
+
+def _float_to_rgb(img: Image.Image) -> Image.Image:
+    # Float images have no fixed range: [0, 1] is the usual convention, anything
+    # else is read as 0..255 and clipped, as Pillow's own F -> L does.
+    data = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0)
+    if data.size and data.min() >= 0 and data.max() <= 1:
+        data = data * UINT8_MAX
+    eight = np.clip(np.rint(data), 0, UINT8_MAX)
+    return Image.fromarray(eight.astype(np.uint8)).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(img)
+    if img.mode == "F":
+        return _float_to_rgb(img)
+    if img.has_transparency_data:
+        # Transparent pixels keep whatever colour the encoder left (often black):
+        # dropping alpha would show it. White is how viewers and web pages show
+        # cut-outs and logos, so the model sees what a person saw.
+        background = Image.new("RGBA", img.size, WHITE)
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def _safe_formats() -> list[str]:
+    Image.init()  # registers every plugin, so the list is complete
+    return sorted(f for f in Image.OPEN if f not in UNSAFE_FORMATS)
+
+
+def _decode(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Upright RGB image shrunk to ``max_side``, and the upright original size."""
+    # open() reads only the header and, under _strict_pillow, refuses more than
+    # ingest.max_pixels before a single pixel is decoded
+    with Image.open(io.BytesIO(data), formats=_safe_formats()) as img:
+        width, height = img.size
+        if isinstance(img, JpegImagePlugin.JpegImageFile):  # also MPO, from cameras
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale when the image is at least
+            # that many times the target: most of the time of a big photo saved
+            img.draft(None, _shrunk_size(img.size, max_side))
+        img.load()
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        ImageOps.exif_transpose(img, in_place=True)
+        rgb = _to_rgb(img)
+    if orientation in AXIS_SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    target = _shrunk_size(rgb.size, max_side)
+    if target != rgb.size:
+        rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    return rgb, (width, height)
+
+
+def _process(candidate: Candidate, params: IngestParams) -> _Decoded:
+    data = _read(candidate.path, params.max_file_mb)
+    image, (width, height) = _decode(data, params.max_side)
+    return _Decoded(image, sha256_bytes(data), width, height)
+
+
+def _rejection(exc: Exception, params: IngestParams) -> tuple[str, str]:
+    """(reason, detail) for whatever decoding a bad file raised."""
+    if isinstance(exc, _Reject):
+        return exc.reason, exc.detail
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        # Pillow's message quotes twice the limit for its hard error: name ours
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = size.group(1) if size else "too many"
+        return TOO_MANY_PIXELS, f"{pixels} pixels is over ingest.max_pixels = {params.max_pixels}"
+    if isinstance(exc, UnidentifiedImageError):
+        return NOT_AN_IMAGE, "no image format that ingest reads recognises this file"
+    detail = f"{type(exc).__name__}: {exc}"
+    # Pillow signals a short read only through the message of an OSError
+    if isinstance(exc, OSError) and "truncated" in str(exc).lower():
+        return TRUNCATED, detail
+    return CORRUPT, detail
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def safe_stem(name: str) -> str:
+    """File stem fit for any file system: letters and digits of any script kept, rest '_'."""
+    stem = unicodedata.normalize("NFC", PurePosixPath(name).stem)
+    # categories L (letters), N (digits), M (accents and vowel signs of many scripts)
+    kept = "".join(ch if unicodedata.category(ch)[0] in "LNM" or ch in "-_" else "_" for ch in stem)
+    # a leading '-' reads as an option to shell tools; runs of '_' are noise
+    tidy = re.sub(r"_+", "_", kept).strip("_-")[:MAX_STEM_CHARS].rstrip("_-")
+    return tidy or FALLBACK_STEM
+
+
+def _output_path(candidate: Candidate, sha256: str, taken: set[str]) -> str:
+    parts = [IMAGES_DIR, *([candidate.folder_split] if candidate.folder_split else []), candidate.label]
+    base = f"{safe_stem(candidate.path.name)}-{sha256[:SHA_PREFIX_CHARS]}"
+    name, n = base + OUTPUT_SUFFIX, 1
+    # identical bytes under names that clean to one stem ("a b.jpg", "a_b.jpg"), and
+    # case-insensitive file systems: number them in source order, so still stable
+    while "/".join([*parts, name]).casefold() in taken:
+        n += 1
+        name = f"{base}-{n}{OUTPUT_SUFFIX}"
+    path = "/".join([*parts, name])
+    taken.add(path.casefold())
+    return path
+
+
+def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _duplicates(rows: list[dict[str, Any]]) -> list[list[str]]:
+    by_sha: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        by_sha[row["sha256"]].append(row["source"])
+    return sorted(sorted(group) for group in by_sha.values() if len(group) > 1)
+
+
+def _check_classes(report: dict[str, Any], params: IngestParams, raw_dir: Path) -> None:
+    counts: dict[str, int] = report["counts"]
+    populated = [c for c, n in counts.items() if n > 0]
+    if len(populated) < 2:
+        raise IngestError(
+            f"need at least 2 classes with kept images, found {len(populated)}"
+            f" ({', '.join(populated) or 'none'}) in {raw_dir}; {LAYOUT_HELP}",
+            report,
+        )
+    rejected_by_class: dict[str, Counter[str]] = defaultdict(Counter)
+    for item in report["rejected"]:
+        if item["label"]:
+            rejected_by_class[item["label"]][item["reason"]] += 1
+    short = []
+    for label, n in counts.items():
+        if n < params.min_per_class:
+            why = rejected_by_class[label]
+            extra = f", {sum(why.values())} rejected ({', '.join(f'{r}: {k}' for r, k in sorted(why.items()))})"
+            short.append(f"class {label!r} has {n} kept image(s){extra if why else ''}")
+    if short:
+        raise IngestError(
+            f"{'; '.join(short)}; ingest.min_per_class is {params.min_per_class}."
+            " Add images, remove the class folder, or lower ingest.min_per_class.",
+            report,
+        )
+
+
+def _check_dirs(raw_dir: Path, out_dir: Path) -> None:
+    if not raw_dir.is_dir():
+        raise IngestError(f"raw data folder {raw_dir} does not exist; {LAYOUT_HELP}")
+    raw_abs, out_abs = raw_dir.resolve(), out_dir.resolve()
+    if raw_abs == out_abs or raw_abs in out_abs.parents or out_abs in raw_abs.parents:
+        # replacing out_dir as a whole would delete the input, or ingest its own output
+        raise IngestError(f"out_dir {out_dir} and raw_dir {raw_dir} must not contain one another")
+
+
+def _convert_all(
+    layout: _Layout, tmp: Path, params: IngestParams, progress: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write every decodable candidate under ``tmp``; return (manifest rows, rejections)."""
+    rows: list[dict[str, Any]] = []
+    rejected = [
+        {"path": s, "reason": MISPLACED, "detail": f"not directly inside a class folder; {LAYOUT_HELP}", "label": ""}
+        for s in layout.strays
+    ]
+    taken: set[str] = set()
+    with _strict_pillow(params.max_pixels):
+        for cand in tqdm(layout.candidates, desc="ingest", unit="img", disable=not progress):
+            try:
+                decoded = _process(cand, params)
+            except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
+                reason, detail = _rejection(exc, params)
+                rejected.append({"path": cand.source, "reason": reason, "detail": detail, "label": cand.label})
+                continue
+            rel = _output_path(cand, decoded.sha256, taken)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            decoded.image.save(tmp / rel, format="JPEG", quality=JPEG_QUALITY)
+            rows.append(
+                {
+                    "path": rel,
+                    "label": cand.label,
+                    "sha256": decoded.sha256,
+                    "width": decoded.width,
+                    "height": decoded.height,
+                    "folder_split": cand.folder_split,
+                    "source": cand.source,
+                }
+            )
+    return rows, rejected
+
+
+def ingest(raw_dir: Path, out_dir: Path, params: IngestParams, progress: bool = False) -> dict[str, Any]:
+    """Decode every file of ``raw_dir`` into ``out_dir``; return the report.
+
+    Bad files are rejected one by one, never fatal. Raises IngestError, with
+    ``out_dir`` untouched, when fewer than 2 classes or a class under
+    ``params.min_per_class`` remain. Pillow's pixel limit and truncation switch
+    are process-wide: do not decode images in other threads during the call.
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    params.validate("ingest")
+    _check_dirs(raw_dir, out_dir)
+    layout = _layout(raw_dir)
+    with atomic_dir(out_dir) as tmp:
+        rows, rejected = _convert_all(layout, tmp, params, progress)
+        report = _report(layout, rows, rejected, params)
+        _check_classes(report, params, raw_dir)  # raising here discards tmp: out_dir untouched
+        _write_manifest(tmp / MANIFEST_NAME, rows)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return report
+
+
+def _report(
+    layout: _Layout,
+    rows: list[dict[str, Any]],
+    rejected: list[dict[str, Any]],
+    params: IngestParams,
+) -> dict[str, Any]:
+    counts = Counter(row["label"] for row in rows)
+    labels_of = {row["source"]: row["label"] for row in rows}
+    duplicates = _duplicates(rows)
+    return {
+        "layout": layout.kind,
+        "params": dataclasses.asdict(params),
+        "counts": {label: counts.get(label, 0) for label in layout.classes},
+        "total": {"seen": len(rows) + len(rejected), "kept": len(rows), "rejected": len(rejected)},
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "rejected": sorted(rejected, key=lambda r: r["path"]),
+        "duplicates": duplicates,
+        # the same bytes under two labels: at least one label is wrong
+        "duplicates_across_classes": [g for g in duplicates if len({labels_of[s] for s in g}) > 1],
+    }
