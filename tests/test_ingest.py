@@ -355,3 +355,19 @@ def test_deterministic_outputs(seeded: Path, tmp_path: Path) -> None:
     (first / "stale.jpg").write_bytes(b"old")
     ingest(seeded, first, SEEDED_PARAMS)
     assert _tree(first) == tree
+
+
+def test_extensions_filter_reports_other_formats(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    raw = tmp_path / "raw"
+    for label in ("a", "b"):
+        (raw / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(raw / label / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(raw / "a" / "placeholder.gif")
+    params = replace(IngestParams(min_per_class=1), extensions=[".png"])
+    report = ingest(raw, tmp_path / "out", params)
+    assert report["counts"] == {"a": 2, "b": 2}
+    (rejected,) = report["rejected"]
+    assert rejected["reason"] == "extension" and rejected["path"] == "a/placeholder.gif"

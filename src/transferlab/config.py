@@ -112,8 +112,15 @@ class IngestParams:
     min_per_class: int = 5
     max_pixels: int = 64_000_000
     max_file_mb: float = 200.0
+    # accepted file extensions (case-insensitive); None accepts every format Pillow reads
+    extensions: list[str] | None = None
 
     def validate(self, section: str) -> None:
+        _require(
+            all(e.startswith(".") for e in self.extensions or []),
+            f"{section}.extensions",
+            f"got {self.extensions}; allowed: null or a list like ['.jpg', '.png']",
+        )
         _require(self.max_side >= 32, f"{section}.max_side", f"got {self.max_side}; allowed: an int >= 32")
         _require(
             self.min_per_class >= 1,
@@ -165,10 +172,177 @@ class DataParams:
     sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class ExtractParams:
+    """Which frozen backbones to run, and how."""
+
+    backbones: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    # per-backbone weights enum name, e.g. {resnet18: ResNet18_Weights.IMAGENET1K_V1}
+    weights: dict[str, str] = field(default_factory=dict)
+    # per-backbone local state dict, for machines without internet
+    weights_path: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 32
+    keep_maps: bool = True
+
+    def validate(self, section: str) -> None:
+        _require(bool(self.backbones), f"{section}.backbones", "allowed: a non-empty list of backbone names")
+        _require(
+            len(set(self.backbones)) == len(self.backbones), f"{section}.backbones", "names must be unique"
+        )
+        for key in ("weights", "weights_path"):
+            extra = sorted(set(getattr(self, key)) - set(self.backbones))
+            _require(not extra, f"{section}.{key}", f"names {extra} are not in {section}.backbones")
+        _require(self.batch_size >= 1, f"{section}.batch_size", "allowed: an int >= 1")
+
+
+ClassWeight = Literal[None, "balanced"]
+
+
+def _check_torch_head(p: Any, key: str) -> None:
+    _require(0 <= p.dropout < 1, f"{key}.dropout", f"got {p.dropout}; allowed: 0 <= dropout < 1")
+    _require(0 < p.lr <= 1, f"{key}.lr", f"got {p.lr}; allowed: 0 < lr <= 1")
+    _require(p.weight_decay >= 0, f"{key}.weight_decay", "allowed: a number >= 0")
+    for name in ("max_epochs", "batch_size", "patience"):
+        _require(getattr(p, name) >= 1, f"{key}.{name}", "allowed: an int >= 1")
+
+
+@dataclass(frozen=True)
+class LinearHeadParams:
+    """Flatten -> Dense(hidden, ReLU) -> Dropout -> Dense; hidden 0 = one linear layer."""
+
+    hidden: int = 256
+    dropout: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    max_epochs: int = 100
+    batch_size: int = 64
+    patience: int = 10
+    class_weight: ClassWeight = None
+    random_state: int = 0
+
+    def validate(self, section: str) -> None:
+        _require(self.hidden >= 0, f"{section}.hidden", "allowed: an int >= 0 (0 = a single linear layer)")
+        _check_torch_head(self, section)
+
+
+@dataclass(frozen=True)
+class GapHeadParams:
+    """Global average pooling -> Dropout -> Dense."""
+
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    max_epochs: int = 100
+    batch_size: int = 64
+    patience: int = 10
+    class_weight: ClassWeight = None
+    random_state: int = 0
+
+    def validate(self, section: str) -> None:
+        _check_torch_head(self, section)
+
+
+@dataclass(frozen=True)
+class SvmHeadParams:
+    """Standardized pooled vectors -> LinearSVC; C_grid chooses C by CV on train."""
+
+    C: float = 1.0
+    C_grid: list[float] | None = None
+    cv: int = 5
+    class_weight: ClassWeight = None
+    max_iter: int = 5000
+    calibrate: bool = True
+    random_state: int = 0
+
+    def validate(self, section: str) -> None:
+        _require(self.C > 0, f"{section}.C", f"got {self.C}; allowed: a number > 0")
+        _require(all(c > 0 for c in self.C_grid or []), f"{section}.C_grid", "allowed: numbers > 0")
+        _require(self.cv >= 2, f"{section}.cv", "allowed: an int >= 2")
+        _require(self.max_iter >= 1, f"{section}.max_iter", "allowed: an int >= 1")
+
+
+HEADS = ("linear", "gap", "svm")
+
+
+@dataclass(frozen=True)
+class TrainHeadParams:
+    linear: LinearHeadParams = field(default_factory=LinearHeadParams)
+    gap: GapHeadParams = field(default_factory=GapHeadParams)
+    svm: SvmHeadParams = field(default_factory=SvmHeadParams)
+
+    def head(self, kind: str) -> Any:
+        _require(kind in HEADS, "train_head", f"unknown head {kind!r}; allowed: {', '.join(HEADS)}")
+        return getattr(self, kind)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training-time augmentation for fine-tuning (eval uses the deterministic transform)."""
+
+    random_resized_crop: bool = True
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: bool = True
+
+    def validate(self, section: str) -> None:
+        lo, hi = (self.scale + [0.0, 0.0])[:2]
+        _require(
+            len(self.scale) == 2 and 0 < lo <= hi <= 1,
+            f"{section}.scale",
+            f"got {self.scale}; allowed: [min, max] with 0 < min <= max <= 1",
+        )
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Fine-tune a pretrained backbone with a new (or warm-started) head."""
+
+    backbones: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    strategy: Literal["head_only", "last_blocks", "full"] = "last_blocks"
+    last_blocks: int = 2  # used by strategy last_blocks: the top N named blocks train
+    init: Literal["new", "best_head"] = "new"
+    dropout: float = 0.2
+    lr: float = 1e-3  # the head's learning rate
+    backbone_lr_factor: float = 0.1  # backbone lr = lr * factor: small, to keep what it knows
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    max_epochs: int = 10
+    patience: int = 3
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    batch_size: int = 32
+    class_weight: ClassWeight = None
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    seed: int = 0
+
+    def validate(self, section: str) -> None:
+        _require(bool(self.backbones), f"{section}.backbones", "allowed: a non-empty list of backbone names")
+        _require(self.last_blocks >= 1, f"{section}.last_blocks", "allowed: an int >= 1")
+        _require(0 <= self.dropout < 1, f"{section}.dropout", "allowed: 0 <= dropout < 1")
+        _require(0 < self.lr <= 1, f"{section}.lr", f"got {self.lr}; allowed: 0 < lr <= 1")
+        _require(
+            0 < self.backbone_lr_factor <= 1,
+            f"{section}.backbone_lr_factor",
+            f"got {self.backbone_lr_factor}; allowed: 0 < factor <= 1 (fine-tuning needs a small backbone lr)",
+        )
+        _require(0 <= self.momentum < 1, f"{section}.momentum", "allowed: 0 <= momentum < 1")
+        _require(self.weight_decay >= 0, f"{section}.weight_decay", "allowed: a number >= 0")
+        _require(
+            0 <= self.warmup_epochs < self.max_epochs,
+            f"{section}.warmup_epochs",
+            f"got {self.warmup_epochs}; allowed: 0 <= warmup_epochs < max_epochs ({self.max_epochs})",
+        )
+        for name in ("max_epochs", "patience", "batch_size"):
+            _require(getattr(self, name) >= 1, f"{section}.{name}", "allowed: an int >= 1")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataParams,
     "ingest": IngestParams,
     "split": SplitParams,
+    "extract": ExtractParams,
+    "train_head": TrainHeadParams,
+    "finetune": FinetuneParams,
 }
 
 

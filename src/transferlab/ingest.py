@@ -74,6 +74,7 @@ UNREADABLE = "unreadable"
 EMPTY_FILE = "empty_file"
 FILE_TOO_LARGE = "file_too_large"
 NOT_AN_IMAGE = "not_an_image"
+EXTENSION = "extension"
 TOO_MANY_PIXELS = "too_many_pixels"
 TRUNCATED = "truncated"
 CORRUPT = "corrupt"
@@ -297,7 +298,13 @@ def _decode(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
     return rgb, (width, height)
 
 
+def _check_extension(path: Path, extensions: list[str] | None) -> None:
+    if extensions is not None and path.suffix.lower() not in {e.lower() for e in extensions}:
+        raise _Reject(EXTENSION, f"{path.suffix or 'no extension'} is not in ingest.extensions {extensions}")
+
+
 def _process(candidate: Candidate, params: IngestParams) -> _Decoded:
+    _check_extension(candidate.path, params.extensions)
     data = _read(candidate.path, params.max_file_mb)
     image, (width, height) = _decode(data, params.max_side)
     return _Decoded(image, sha256_bytes(data), width, height)
