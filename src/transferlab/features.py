@@ -1,0 +1,176 @@
+"""Run a frozen backbone once per image and cache what the heads need.
+
+Layout of one backbone's feature store (``data/features/<backbone>/``)::
+
+    manifest.json            backbone, weights id, transform, shapes, dtypes,
+                             library versions, hash of data/split.csv
+    <part>.index.csv         image id (prepared path) and label, row-aligned
+    <part>.pooled.safetensors  pooled vectors (N x C float32) + label indices
+    <part>.maps.npy          last conv feature maps (N x C x H x W float16)
+
+Maps are written batch by batch into a memory-mapped ``.npy`` so peak memory
+does not grow with the dataset (only the small pooled vectors are held).
+Every file loads without pickle (safetensors, ``np.load(allow_pickle=False)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.lib.format import open_memmap
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from transferlab.backbones import Backbone
+from transferlab.io import atomic_dir, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+MAPS_DTYPE = np.float16  # halves the cache; heads compute in float32
+POOLED_DTYPE = torch.float32
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PartFeatures:
+    """One split part loaded from a feature store."""
+
+    ids: list[str]
+    labels: np.ndarray  # label names, row-aligned
+    pooled: np.ndarray  # N x C float32
+    maps: np.ndarray | None  # N x C x H x W float16, memory-mapped; None when not kept
+
+
+def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(paths), size):
+        yield paths[i : i + size]
+
+
+def _load_batch(paths: list[Path], backbone: Backbone) -> torch.Tensor:
+    images = []
+    for p in paths:
+        with Image.open(p) as img:
+            images.append(backbone.eval_transform(img.convert("RGB")))
+    return torch.stack(images)
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _extract_part(
+    backbone: Backbone,
+    rows: pd.DataFrame,
+    images_root: Path,
+    out: Path,
+    part: str,
+    batch_size: int,
+    keep_maps: bool,
+    classes: list[str],
+) -> dict[str, Any]:
+    paths = [images_root / p for p in rows["path"]]
+    maps_file = None
+    maps_shape: list[int] | None = None
+    pooled = []
+    start = 0
+    desc = f"extract {backbone.name} [{part}]"
+    with torch.inference_mode():
+        for batch in tqdm(list(_batches(paths, batch_size)), desc=desc, unit="batch"):
+            fmap = backbone.forward_features(_load_batch(batch, backbone))
+            if keep_maps:
+                if maps_file is None:
+                    maps_shape = [len(paths), *fmap.shape[1:]]
+                    maps_file = open_memmap(
+                        out / f"{part}.maps.npy", mode="w+", dtype=MAPS_DTYPE, shape=tuple(maps_shape)
+                    )
+                maps_file[start : start + len(batch)] = fmap.numpy().astype(MAPS_DTYPE)
+            pooled.append(backbone.pool(fmap).to(POOLED_DTYPE))
+            start += len(batch)
+    if maps_file is not None:
+        maps_file.flush()
+        del maps_file
+    vectors = torch.cat(pooled) if pooled else torch.empty(0, backbone.num_features)
+    label_idx = torch.tensor([classes.index(lbl) for lbl in rows["label"]], dtype=torch.int64)
+    save_file({"pooled": vectors.contiguous(), "labels": label_idx}, str(out / f"{part}.pooled.safetensors"))
+    rows[["path", "label"]].to_csv(out / f"{part}.index.csv", index=False, lineterminator="\n")
+    return {
+        "n": len(paths),
+        "pooled_shape": list(vectors.shape),
+        "maps_shape": maps_shape,
+    }
+
+
+def extract(
+    backbone: Backbone,
+    split_csv: Path,
+    images_root: Path,
+    out_dir: Path,
+    batch_size: int,
+    keep_maps: bool = True,
+) -> dict[str, Any]:
+    """Write the feature store for ``backbone`` atomically; return its manifest."""
+    split = pd.read_csv(split_csv, dtype={"label": str}, keep_default_na=False)
+    classes = sorted(split["label"].unique())
+    backbone.module.eval()  # BatchNorm must use its ImageNet statistics, never batch ones
+    parts: dict[str, Any] = {}
+    with atomic_dir(out_dir) as tmp:
+        for part, rows in split.groupby("part", sort=True):
+            parts[str(part)] = _extract_part(
+                backbone, rows.reset_index(drop=True), images_root, tmp, str(part), batch_size, keep_maps, classes
+            )
+        manifest = {
+            "backbone": backbone.name,
+            "weights": backbone.weights_id,
+            "transform": backbone.transform_config(),
+            "classes": classes,
+            "parts": parts,
+            "images_forwarded": sum(p["n"] for p in parts.values()),
+            "dtypes": {"maps": np.dtype(MAPS_DTYPE).name if keep_maps else None, "pooled": "float32"},
+            "keep_maps": keep_maps,
+            "split_sha256": sha256_file(split_csv),
+            "versions": _versions(),
+            "param_counts": backbone.param_counts(),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("extract %s: %d images forwarded, once each", backbone.name, manifest["images_forwarded"])
+    return manifest
+
+
+def read_manifest(store: Path) -> dict[str, Any]:
+    return json.loads((Path(store) / MANIFEST).read_text())
+
+
+def load_part(store: Path, part: str, need_maps: bool) -> PartFeatures:
+    """Load one part; ``need_maps`` fails clearly when maps were not kept."""
+    store = Path(store)
+    manifest = read_manifest(store)
+    tensors = load_file(str(store / f"{part}.pooled.safetensors"))
+    index = pd.read_csv(store / f"{part}.index.csv", dtype={"label": str}, keep_default_na=False)
+    maps = None
+    if need_maps:
+        if not manifest["keep_maps"]:
+            raise FileNotFoundError(
+                f"{store}: feature maps were not kept (extract.keep_maps: false); "
+                "the 'linear' and 'gap' heads need them: set extract.keep_maps: true or use the 'svm' head"
+            )
+        maps = np.load(store / f"{part}.maps.npy", mmap_mode="r", allow_pickle=False)
+    classes = manifest["classes"]
+    labels = np.array([classes[i] for i in tensors["labels"].tolist()], dtype=object)
+    return PartFeatures(list(index["path"]), labels, tensors["pooled"].numpy(), maps)
