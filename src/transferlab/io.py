@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 CHUNK = 1 << 20
 DEFAULT_FILE_MODE = 0o666
+DEFAULT_DIR_MODE = 0o777
 
 
 def _umask() -> int:
@@ -48,6 +49,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(DEFAULT_DIR_MODE & ~_umask())  # mkdtemp makes 0700 folders
     try:
         yield tmp
         if target.exists():

@@ -1,0 +1,590 @@
+"""Get an image-folder dataset into ``data/raw`` from a builtin set, an archive, a URL or a folder.
+
+Everything is assembled in scratch space beside the target and renamed into
+place at the end (``io.atomic_dir``), so a failure of any kind (network,
+checksum, unsafe archive, wrong layout) leaves the target as it was.
+
+Archives are extracted by hand rather than with ``extractall``: each member is
+checked (no ``..``, no absolute path, no links or device files, size caps on
+the declared sizes and on the bytes actually written) and only regular files
+and folders are ever created.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Callable, Mapping
+
+import numpy as np
+
+from transferlab.config import PARTS
+from transferlab.io import CHUNK, atomic_dir, sha256_file
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Caps: far above any sane image dataset for this tool, far below what would fill a disk.
+MAX_DOWNLOAD_BYTES = 4 * GiB
+MAX_MEMBER_BYTES = 512 * MiB
+MAX_TOTAL_BYTES = 16 * GiB
+MAX_MEMBERS = 1_000_000
+# Per socket operation, not per download: a dead network fails fast, a slow one still finishes.
+DOWNLOAD_TIMEOUT_S = 15.0
+
+HYMENOPTERA = "hymenoptera"
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+# sha256 of hymenoptera_data.zip: None until a value has been verified against the
+# official archive; fill it in then, and every download is checked against it.
+KNOWN_SHA256: str | None = None
+# JPEGs per folder, counted on an extracted copy of the archive: train/ants holds 124 files,
+# 122 .jpg + 1 .jpeg + the stray imageNotFound.gif that image loaders keyed on .jpg skip.
+HYMENOPTERA_COUNTS: Mapping[str, int] = types.MappingProxyType(
+    {"train/ants": 123, "train/bees": 121, "val/ants": 70, "val/bees": 83}
+)
+JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
+
+BUILTIN_PREFIX = "builtin:"
+LFW_FACES = "builtin:lfw-faces"
+DIGITS = "builtin:digits"
+LFW_COUNT_PER_CLASS = 100  # lfw_subset(): the first 100 images are faces, the next 100 are not
+LFW_SIDE = 25
+DIGITS_MAX_LEVEL = 16  # load_digits() pixels are grey levels 0..16
+UINT8_MAX = 255
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IGNORED_NAMES = frozenset({"__MACOSX"})
+ACCEPTED_LAYOUTS = (
+    "root/<class>/<images> or root/{train,val,test}/<class>/<images> "
+    f"(images: {', '.join(sorted(IMAGE_SUFFIXES))})"
+)
+ZIP_SUFFIXES = (".zip",)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class SourceError(Exception):
+    """A dataset source could not be fetched, verified, extracted safely or recognised."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size caps for downloads and archive extraction (bytes, except ``members``)."""
+
+    member_bytes: int = MAX_MEMBER_BYTES
+    total_bytes: int = MAX_TOTAL_BYTES
+    members: int = MAX_MEMBERS
+    download_bytes: int = MAX_DOWNLOAD_BYTES
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def get_source(
+    source: str,
+    out: str | Path,
+    sha256: str | None = None,
+    force: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Path:
+    """Write the image-folder dataset ``source`` into ``out`` and return ``out``.
+
+    ``source`` is ``builtin:lfw-faces``, ``builtin:digits``, ``hymenoptera``, an
+    http(s) URL of an archive, a local ``.zip``/``.tar[.gz]``/``.tgz`` or a local
+    folder. ``sha256`` checks an archive before anything is extracted. A
+    non-empty ``out`` is replaced only with ``force``. Raises SourceError.
+    """
+    out = Path(out)
+    expected = _normalize_sha256(sha256)
+    _check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # scratch beside the target: same filesystem, so extracted files are renamed, not copied
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.get.", dir=out.parent) as scratch:
+        with atomic_dir(out) as tmp:
+            _fill(source, tmp, Path(scratch), expected, limits, out)
+            check_layout(tmp, source)
+    return out
+
+
+def _fill(source: str, dest: Path, scratch: Path, sha256: str | None, limits: Limits, out: Path) -> None:
+    """Put the dataset's root folder contents into ``dest``."""
+    if source.startswith(BUILTIN_PREFIX):
+        _refuse_sha256(source, sha256, "a builtin dataset")
+        _builtin_writer(source)(dest)
+    elif source == HYMENOPTERA:
+        _get_hymenoptera(dest, scratch, sha256, limits)
+    elif _is_url(source):
+        archive = download(source, scratch, limits.download_bytes)
+        _verify_sha256(archive, sha256, source)
+        _unpack(archive, dest, scratch, limits)
+    else:
+        _fill_local(Path(source), dest, scratch, sha256, limits, out)
+
+
+def _fill_local(path: Path, dest: Path, scratch: Path, sha256: str | None, limits: Limits, out: Path) -> None:
+    if path.is_dir():
+        _refuse_sha256(str(path), sha256, "a folder")
+        _refuse_overlap(path, out)
+        copy_tree(dataset_root(path), dest)
+    elif path.is_file():
+        _verify_sha256(path, sha256, str(path))
+        _unpack(path, dest, scratch, limits)
+    else:
+        raise SourceError(
+            f"unknown source {str(path)!r}: not a builtin ({LFW_FACES}, {DIGITS}), not {HYMENOPTERA!r}, "
+            "not an http(s) URL and no such file or folder"
+        )
+
+
+# --- target and checksum -------------------------------------------------------------------
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"{out} exists and is not a folder; remove it or choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise SourceError(f"{out} already exists and is not empty; pass --force to replace it")
+
+
+def _normalize_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    value = sha256.strip().lower()
+    if not SHA256_HEX.fullmatch(value):
+        raise SourceError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
+    return value
+
+
+def _refuse_sha256(source: str, sha256: str | None, what: str) -> None:
+    # silently skipping a requested check would look like a passed check
+    if sha256 is not None:
+        raise SourceError(f"--sha256 checks an archive, but {source} is {what}; drop --sha256")
+
+
+def _verify_sha256(archive: Path, expected: str | None, source: str) -> None:
+    if expected is None:
+        return
+    actual = sha256_file(archive)
+    if actual != expected:
+        raise SourceError(f"sha256 mismatch for {source}: expected {expected}, got {actual}; nothing was written")
+
+
+def _refuse_overlap(src: Path, out: Path) -> None:
+    # copying a folder into itself would walk its own partial copy
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or out_r.is_relative_to(src_r):
+        raise SourceError(f"the output folder {out} is inside the source folder {src}; choose another --out")
+
+
+# --- builtin datasets ----------------------------------------------------------------------
+
+
+def _builtin_writer(source: str) -> Callable[[Path], None]:
+    if source == LFW_FACES:
+        return write_lfw_faces
+    if source == DIGITS:
+        return write_digits
+    raise SourceError(f"unknown builtin source {source!r}; available: {LFW_FACES}, {DIGITS}")
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path, format="PNG")
+
+
+def _to_uint8(values: np.ndarray, max_value: float) -> np.ndarray:
+    scaled = np.asarray(values, dtype=np.float64) * (UINT8_MAX / max_value)
+    return np.clip(np.rint(scaled), 0, UINT8_MAX).astype(np.uint8)
+
+
+def write_lfw_faces(dest: Path) -> None:
+    """scikit-image's bundled LFW subset as ``faces/`` and ``non_faces/`` PNGs (25x25, grey)."""
+    from skimage.data import lfw_subset
+
+    images = np.asarray(lfw_subset())
+    expected_shape = (2 * LFW_COUNT_PER_CLASS, LFW_SIDE, LFW_SIDE)
+    if images.shape != expected_shape:
+        raise SourceError(f"skimage.data.lfw_subset() returned shape {images.shape}, expected {expected_shape}")
+    # documented as uint8 but returned as floats in [0, 1] by the versions we use
+    pixels = images if images.dtype == np.uint8 else _to_uint8(images, 1.0)
+    for folder, stem, block in (
+        ("faces", "face", pixels[:LFW_COUNT_PER_CLASS]),
+        ("non_faces", "non_face", pixels[LFW_COUNT_PER_CLASS:]),
+    ):
+        (dest / folder).mkdir()
+        for i, image in enumerate(block):
+            _save_png(image, dest / folder / f"{stem}_{i:03d}.png")
+
+
+def write_digits(dest: Path) -> None:
+    """scikit-learn's bundled 8x8 digits as PNG class folders ``0``..``9``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = _to_uint8(digits.images, DIGITS_MAX_LEVEL)
+    for label in sorted(set(int(t) for t in digits.target)):
+        (dest / str(label)).mkdir()
+    for i, (image, label) in enumerate(zip(pixels, digits.target)):
+        _save_png(image, dest / str(int(label)) / f"digit_{i:04d}.png")
+
+
+# --- hymenoptera ---------------------------------------------------------------------------
+
+
+def _get_hymenoptera(dest: Path, scratch: Path, sha256: str | None, limits: Limits) -> None:
+    archive = download(HYMENOPTERA_URL, scratch, limits.download_bytes)
+    _verify_sha256(archive, sha256, HYMENOPTERA_URL)
+    _verify_sha256(archive, KNOWN_SHA256, HYMENOPTERA_URL)
+    _unpack(archive, dest, scratch, limits)
+    verify_hymenoptera(dest)
+
+
+def verify_hymenoptera(root: Path) -> None:
+    """Check the JPEG count of each train/val class folder against the official archive."""
+    problems = []
+    for folder, expected in HYMENOPTERA_COUNTS.items():
+        path = root / folder
+        found = _count_files(path, JPEG_SUFFIXES) if path.is_dir() else 0
+        if found != expected:
+            problems.append(f"{folder}: {found} JPEGs, expected {expected}")
+    if problems:
+        raise SourceError(f"hymenoptera archive does not match the official one: {'; '.join(problems)}")
+
+
+def _count_files(folder: Path, suffixes: frozenset[str]) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+def _is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https")
+
+
+def _url_filename(url: str) -> str:
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    # the name only picks the archive type; never let it climb out of the scratch folder
+    return name if name not in ("", ".", "..") else "download"
+
+
+def _download_hint(url: str) -> str:
+    name = _url_filename(url)
+    stem = name
+    for suffix in ZIP_SUFFIXES + TAR_SUFFIXES:
+        if name.lower().endswith(suffix):
+            stem = name[: -len(suffix)]
+            break
+    return (
+        f"Download it elsewhere and run `transferlab data get /path/to/{name}`, "
+        f"or point at an extracted folder: `transferlab data get /path/to/{stem}`"
+    )
+
+
+def download(url: str, dest_dir: Path, max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
+    """Stream ``url`` into a file in ``dest_dir``, refusing more than ``max_bytes``."""
+    dest = dest_dir / _url_filename(url)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as fh:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise SourceError(f"{url} is {declared} bytes, over the download limit of {max_bytes} bytes")
+            received = 0
+            while chunk := response.read(CHUNK):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise SourceError(f"{url} sent more than the download limit of {max_bytes} bytes")
+                fh.write(chunk)
+    except urllib.error.HTTPError as exc:
+        raise SourceError(f"could not download {url}: HTTP {exc.code} {exc.reason}. {_download_hint(url)}") from exc
+    except urllib.error.URLError as exc:
+        raise SourceError(f"could not download {url}: {exc.reason}. {_download_hint(url)}") from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise SourceError(f"could not download {url}: {exc}. {_download_hint(url)}") from exc
+    return dest
+
+
+# --- safe extraction -----------------------------------------------------------------------
+
+
+def _unpack(archive: Path, dest: Path, scratch: Path, limits: Limits) -> None:
+    extracted = scratch / "extracted"
+    extracted.mkdir()
+    extract_archive(archive, extracted, limits)
+    root = dataset_root(extracted)
+    for child in root.iterdir():
+        if not is_ignored(child.name):
+            os.replace(child, dest / child.name)
+
+
+def extract_archive(archive: Path, dest: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Extract a zip or tar archive into ``dest``, refusing any unsafe or oversized member."""
+    kind = _archive_kind(archive)
+    try:
+        if kind == "zip":
+            _extract_zip(archive, dest, limits)
+        else:
+            _extract_tar(archive, dest, limits)
+    except SourceError:
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise SourceError(f"{archive.name} is not a readable {kind} archive: {exc}") from exc
+    except OSError as exc:
+        raise SourceError(f"could not extract {archive.name}: {exc}") from exc
+
+
+def _archive_kind(archive: Path) -> str:
+    name = archive.name.lower()
+    if name.endswith(ZIP_SUFFIXES):
+        return "zip"
+    if name.endswith(TAR_SUFFIXES):
+        return "tar"
+    # URLs often hide the type (…/download?id=…): fall back to the content
+    if zipfile.is_zipfile(archive):
+        return "zip"
+    if tarfile.is_tarfile(archive):
+        return "tar"
+    raise SourceError(
+        f"{archive.name} is neither a zip nor a tar archive (accepted: {', '.join(ZIP_SUFFIXES + TAR_SUFFIXES)})"
+    )
+
+
+def _refuse(archive: Path, member: str, reason: str) -> SourceError:
+    return SourceError(f"refusing {archive.name}: member {member!r} {reason}; nothing was written")
+
+
+def _member_path(archive: Path, name: str) -> PurePosixPath | None:
+    """The member's safe relative path, or None for entries to skip (folders' own '.', dotfiles)."""
+    if "\x00" in name:
+        raise _refuse(archive, name, "has a NUL byte in its name")
+    # backslashes are separators to Windows tools: judge the name as they would read it
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or WINDOWS_DRIVE.match(posix):
+        raise _refuse(archive, name, "has an absolute path")
+    parts = [p for p in posix.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise _refuse(archive, name, "points outside the extraction folder (..)")
+    if not parts or any(is_ignored(p) for p in parts):
+        return None
+    return PurePosixPath(*parts)
+
+
+def _target(archive: Path, dest: Path, name: str, rel: PurePosixPath) -> Path:
+    path = dest.joinpath(*rel.parts)
+    # defence in depth: nothing above should let a path escape, but a check is cheap
+    if not path.resolve().is_relative_to(dest.resolve()):
+        raise _refuse(archive, name, "points outside the extraction folder")
+    return path
+
+
+@dataclass
+class _Budget:
+    """Bytes still allowed across the whole archive, spent as members are written."""
+
+    left: int
+
+
+def _copy_capped(archive: Path, name: str, src: IO[bytes], path: Path, limits: Limits, budget: _Budget) -> None:
+    # declared sizes can lie (zip bombs): count what is actually written too
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(path, "wb") as fh:
+        while chunk := src.read(CHUNK):
+            written += len(chunk)
+            if written > limits.member_bytes:
+                raise _refuse(archive, name, f"is larger than the per-member limit of {limits.member_bytes} bytes")
+            if written > budget.left:
+                raise _refuse(archive, name, f"takes the archive over the total limit of {limits.total_bytes} bytes")
+            fh.write(chunk)
+    budget.left -= written
+
+
+def _check_declared(archive: Path, name: str, size: int, limits: Limits, budget: _Budget) -> None:
+    if size > limits.member_bytes:
+        raise _refuse(archive, name, f"is {size} bytes, over the per-member limit of {limits.member_bytes} bytes")
+    if size > budget.left:
+        raise _refuse(archive, name, f"takes the archive over the total limit of {limits.total_bytes} bytes")
+    budget.left -= size
+
+
+def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> None:
+    # the unix file type, when the archiver recorded one; many record permissions only (type 0)
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if kind == stat.S_IFLNK:
+        raise _refuse(archive, info.filename, "is a symlink")
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise _refuse(archive, info.filename, "is a device or special file")
+
+
+def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        if len(infos) > limits.members:
+            raise SourceError(f"refusing {archive.name}: {len(infos)} members, over the limit of {limits.members}")
+        # the central directory lists everything up front: refuse before writing a byte
+        declared = _Budget(limits.total_bytes)
+        planned = []
+        for info in infos:
+            rel = _member_path(archive, info.filename)
+            _check_zip_member(archive, info)
+            _check_declared(archive, info.filename, info.file_size, limits, declared)
+            if rel is not None:
+                planned.append((info, _target(archive, dest, info.filename, rel)))
+        written = _Budget(limits.total_bytes)
+        for info, path in planned:
+            if info.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                with zf.open(info) as src:
+                    _copy_capped(archive, info.filename, src, path, limits, written)
+
+
+def _check_tar_member(archive: Path, member: tarfile.TarInfo, dest: Path) -> None:
+    if member.issym():
+        raise _refuse(archive, member.name, f"is a symlink (to {member.linkname!r})")
+    if member.islnk():
+        raise _refuse(archive, member.name, f"is a hardlink (to {member.linkname!r})")
+    if member.isdev():
+        raise _refuse(archive, member.name, "is a device file or FIFO")
+    if not (member.isfile() or member.isdir()):
+        raise _refuse(archive, member.name, "is not a regular file or folder")
+    data_filter = getattr(tarfile, "data_filter", None)  # Python >= 3.11.4/3.12: a second opinion
+    if data_filter is not None:
+        try:
+            data_filter(member, str(dest))
+        except tarfile.FilterError as exc:
+            raise _refuse(archive, member.name, f"is unsafe ({exc})") from exc
+
+
+def _extract_tar(archive: Path, dest: Path, limits: Limits) -> None:
+    declared = _Budget(limits.total_bytes)
+    written = _Budget(limits.total_bytes)
+    with tarfile.open(archive, "r:*") as tf:
+        # iterate rather than getmembers(): a header bomb must not be loaded into memory first
+        for count, member in enumerate(tf, start=1):
+            if count > limits.members:
+                raise SourceError(f"refusing {archive.name}: more than {limits.members} members")
+            rel = _member_path(archive, member.name)
+            _check_tar_member(archive, member, dest)
+            _check_declared(archive, member.name, member.size, limits, declared)
+            if rel is None:
+                continue
+            path = _target(archive, dest, member.name, rel)
+            if member.isdir():
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            src = tf.extractfile(member)
+            if src is None:
+                raise _refuse(archive, member.name, "has no readable content")
+            with src:
+                _copy_capped(archive, member.name, src, path, limits, written)
+
+
+# --- folders and layout --------------------------------------------------------------------
+
+
+def is_ignored(name: str) -> bool:
+    """Dotfiles and macOS resource folders are archiver noise, never dataset content."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not is_ignored(p.name))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def dataset_root(folder: Path) -> Path:
+    """``folder``, or its only subfolder when it merely wraps the dataset (``x.zip`` -> ``x/``).
+
+    A lone ``train``/``val``/``test`` folder or a lone folder of images is part of
+    the dataset's layout, so it is kept.
+    """
+    children = _visible(folder)
+    if len(children) != 1 or not children[0].is_dir():
+        return folder
+    only = children[0]
+    if only.name in PARTS or any(_is_image(p) for p in only.iterdir()):
+        return folder
+    return only
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """Copy ``src`` into the existing folder ``dest``: file contents only, links followed.
+
+    Permissions are not copied, so a read-only source (a shared dataset) gives a
+    writable ``data/raw`` that can later be replaced.
+    """
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop would otherwise recurse forever
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        target = dest / Path(dirpath).relative_to(src)
+        target.mkdir(exist_ok=True)
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            # dangling links, sockets and FIFOs are not images
+            if not is_ignored(name) and path.is_file():
+                shutil.copyfile(path, target / name)
+
+
+def _layout_error(source: str, problem: str) -> SourceError:
+    return SourceError(f"{source}: unrecognised dataset layout: {problem}. Accepted layouts: {ACCEPTED_LAYOUTS}")
+
+
+def _class_counts(parent: Path, root: Path, source: str) -> dict[str, int]:
+    where = parent.relative_to(root).as_posix() if parent != root else "the top level"
+    entries = _visible(parent)
+    loose = [p.name for p in entries if _is_image(p)]
+    if loose:
+        raise _layout_error(source, f"images directly in {where} (e.g. {loose[0]}), not in class folders")
+    classes = [p for p in entries if p.is_dir()]
+    if not classes:
+        raise _layout_error(source, f"no class folders in {where}")
+    counts = {}
+    for folder in classes:
+        n = sum(1 for p in folder.iterdir() if not is_ignored(p.name) and _is_image(p))
+        if n == 0:
+            raise _layout_error(source, f"class folder {folder.relative_to(root).as_posix()} has no images")
+        counts[folder.relative_to(root).as_posix()] = n
+    return counts
+
+
+def check_layout(root: Path, source: str | None = None) -> dict[str, int]:
+    """Return images per class folder (``cls`` or ``part/cls``); raise SourceError on any other layout."""
+    source = source or str(root)
+    folders = [p for p in _visible(root) if p.is_dir()]
+    parts = [p for p in folders if p.name in PARTS]
+    if not parts:
+        return _class_counts(root, root, source)
+    if len(parts) != len(folders):
+        others = ", ".join(p.name for p in folders if p.name not in PARTS)
+        raise _layout_error(source, f"split folders ({', '.join(p.name for p in parts)}) mixed with others ({others})")
+    loose = [p.name for p in _visible(root) if _is_image(p)]
+    if loose:
+        raise _layout_error(source, f"images directly in the top level (e.g. {loose[0]})")
+    counts: dict[str, int] = {}
+    for part in parts:
+        counts.update(_class_counts(part, root, source))
+    return counts
