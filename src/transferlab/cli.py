@@ -9,6 +9,7 @@ a one-line message on stderr with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,11 +70,37 @@ def _add_data(subparsers: Any) -> None:
     get.set_defaults(handler=_cmd_data_get)
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    comparison = args.reports / "comparison.md"
+    if comparison.exists():
+        print(f"Test-split comparison ({comparison}):\n")
+        print(comparison.read_text(encoding="utf-8"))
+        return EXIT_OK
+    rows = sorted(args.models.glob("*/*/*/metrics.json"))
+    if not rows:
+        raise SourceError(f"no results yet under {args.reports} or {args.models}: run `dvc repro` first")
+    print("Validation results so far (the test split is reported by the evaluate stage):\n")
+    print("| model | val accuracy |\n|---|---|")
+    for path in rows:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        name = "/".join(path.parent.relative_to(args.models).parts)
+        print(f"| {name} | {metrics['val_accuracy']:.3f} |")
+    return EXIT_OK
+
+
+def _add_summary(subparsers: Any) -> None:
+    summary = subparsers.add_parser("summary", help="print the results table of the last pipeline run")
+    summary.add_argument("--reports", type=Path, default=Path("reports"), help="evaluate stage outputs")
+    summary.add_argument("--models", type=Path, default=Path("models"), help="training stage outputs")
+    summary.set_defaults(handler=_cmd_summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description="Reproducible transfer learning on image folders.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(subparsers)
+    _add_summary(subparsers)
     return parser
 
 

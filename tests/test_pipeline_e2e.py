@@ -1,0 +1,136 @@
+"""The real `dvc repro`, end to end, in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from transferlab import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    dest = tmp_path_factory.mktemp("e2e") / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\n")
+    for rel in filter(None, files):
+        if rel == "dvc.lock":  # a local run's record; the copy must start from scratch
+            continue
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TRANSFERLAB_"))}
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    run(["git", "init", "-q"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "copy"], dest, env)
+    run(["transferlab", "data", "get"], dest, env)
+    return dest, env
+
+
+def pipeline_runs(root: Path) -> list:
+    c = tracking.client(root)
+    exp = tracking.experiment_id(root)
+    return c.search_runs([exp], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'", order_by=["start_time ASC"])
+
+
+def child_names(root: Path, parent_id: str) -> list[str]:
+    c = tracking.client(root)
+    exp = tracking.experiment_id(root)
+    kids = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return sorted(r.info.run_name for r in kids)
+
+
+def test_repro_runs_every_stage_and_logs_one_parent(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    out = run(["dvc", "repro"], root, env)
+    stages = set(run(["dvc", "stage", "list", "--name-only"], root, env).split())
+    assert ran_stages(out) == stages
+    parents = pipeline_runs(root)
+    assert len(parents) == 1
+    assert child_names(root, parents[0].info.run_id) == sorted(stages)
+    record = json.loads((root / "data/split.run.json").read_text())
+    assert record["parent_run_id"] == parents[0].info.run_id
+    child = tracking.client(root).get_run(record["run_id"])
+    assert child.data.tags[tracking.TAG_COMMIT] == run(["git", "rev-parse", "HEAD"], root, env).strip()
+    assert tracking.TAG_PARAMS_HASH in child.data.tags
+    report = json.loads((root / "data/prepared/report.json").read_text())
+    assert report["counts"] == {"faces": 100, "non_faces": 100}
+
+
+def test_each_image_forwarded_once_per_backbone(project: tuple[Path, dict[str, str]]) -> None:
+    root, _ = project
+    split = pd.read_csv(root / "data/split.csv")
+    backbones = yaml.safe_load((root / "params.yaml").read_text())["extract"]["backbones"]
+    for name in backbones:
+        manifest = json.loads((root / "data/features" / name / "manifest.json").read_text())
+        assert manifest["images_forwarded"] == len(split)
+        ids = []
+        for part in manifest["parts"]:
+            ids += pd.read_csv(root / "data/features" / name / f"{part}.index.csv")["path"].tolist()
+        assert sorted(ids) == sorted(split["path"])
+
+
+def test_second_repro_skips_everything(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    out = run(["dvc", "repro"], root, env)
+    assert ran_stages(out) == set()
+    assert "didn't change" in out
+    assert len(pipeline_runs(root)) == 1
+
+
+def test_changing_split_seed_reruns_split_and_downstream_only(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["split"]["seed"] += 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], root, env)
+    ran = ran_stages(out)
+    assert "split" in ran and "ingest" not in ran
+    downstream = set(run(["dvc", "stage", "list", "--name-only"], root, env).split()) - {"ingest"}
+    assert ran == downstream
+    parents = pipeline_runs(root)
+    assert len(parents) == 2
+    assert child_names(root, parents[1].info.run_id) == sorted(ran)
+
+
+def test_changing_svm_C_outdates_only_the_svm_heads(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    run(["dvc", "repro"], root, env)  # whatever an earlier test left changed, settle it
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train_head"]["svm"]["C"] *= 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = ran_stages(run(["dvc", "repro", "--dry"], root, env))
+    svm_stages = {s for s in run(["dvc", "stage", "list", "--name-only"], root, env).split() if s.endswith("-svm")}
+    assert svm_stages and dry == svm_stages
+    status = json.loads(run(["dvc", "status", "--json"], root, env))
+    assert set(status) == svm_stages
