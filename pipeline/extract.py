@@ -29,7 +29,7 @@ def main(name: str) -> None:
         manifest = extract(backbone, SPLIT, IMAGES, FEATURES / name, params.batch_size, params.keep_maps)
         counts = manifest["param_counts"]
         run.log_metrics({"images_forwarded": manifest["images_forwarded"],
-                         "params_total": counts["total"], "params_frozen": counts["total"]})
+                         "params_total": counts["total"], "params_frozen": counts["frozen"]})
         run.log_dict(manifest, "feature_manifest.json")
         print(f"extract@{name}: {manifest['images_forwarded']} images forwarded, once each")
 

@@ -343,13 +343,13 @@ def test_select_best_uses_validation_not_test():
 def test_select_best_tie_breaks():
     results = [
         {"model": "c", "val_accuracy": 0.9},
-        {"model": "b", "val_accuracy": 0.9, "val_log_loss": 0.4},
-        {"model": "a", "val_accuracy": 0.9, "val_log_loss": 0.6},
+        {"model": "b", "val_accuracy": 0.9, "val_loss": 0.4},
+        {"model": "a", "val_accuracy": 0.9, "val_loss": 0.6},
     ]
     assert select_best(results)["model"] == "b"  # lower val log loss wins the tie
     no_loss = [{"model": "z", "val_accuracy": 0.9}, {"model": "y", "val_accuracy": 0.9}]
     assert select_best(no_loss)["model"] == "y"  # then the name
-    assert select_best(results[1:], key="val_log_loss", maximize=False)["model"] == "b"
+    assert select_best(results[1:], key="val_loss", maximize=False)["model"] == "b"
 
 
 def test_select_best_requires_the_key():

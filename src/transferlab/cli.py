@@ -95,12 +95,38 @@ def _add_summary(subparsers: Any) -> None:
     summary.set_defaults(handler=_cmd_summary)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from transferlab import compare, tracking
+
+    runs = tracking.executions(args.root)
+    chosen = compare.choose(runs, last=len(runs) if args.all else args.last, experiments=args.exp or ())
+    print(compare.render(chosen))
+    return EXIT_OK if chosen else EXIT_USER_ERROR
+
+
+def _add_compare(subparsers: Any) -> None:
+    cmp = subparsers.add_parser(
+        "compare",
+        help="compare pipeline executions recorded in MLflow: differing params and test figures",
+        description=(
+            "By default the latest execution that reached evaluate; when that is a DVC experiment, "
+            "also the latest plain execution before it, side by side."
+        ),
+    )
+    cmp.add_argument("--last", type=int, metavar="N", help="the N latest executions")
+    cmp.add_argument("--exp", action="append", metavar="NAME", help="executions of DVC experiment NAME (repeatable)")
+    cmp.add_argument("--all", action="store_true", help="every execution")
+    cmp.add_argument("--root", type=Path, default=Path("."), help="project root holding mlruns/ (default: .)")
+    cmp.set_defaults(handler=_cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description="Reproducible transfer learning on image folders.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(subparsers)
     _add_summary(subparsers)
+    _add_compare(subparsers)
     return parser
 
 

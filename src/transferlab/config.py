@@ -212,7 +212,7 @@ class LinearHeadParams:
 
     hidden: int = 256
     dropout: float = 0.5
-    lr: float = 1e-3
+    lr: float = 3e-5  # thousands of flattened inputs: a small step, or it overfits in one epoch
     weight_decay: float = 1e-2
     max_epochs: int = 100
     batch_size: int = 64
@@ -247,7 +247,7 @@ class SvmHeadParams:
     """Standardized pooled vectors -> LinearSVC; C_grid chooses C by CV on train."""
 
     C: float = 1.0
-    C_grid: list[float] | None = None
+    C_grid: list[float] | None = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     cv: int = 5
     class_weight: ClassWeight = None
     max_iter: int = 5000
@@ -336,6 +336,24 @@ class FinetuneParams:
             _require(getattr(self, name) >= 1, f"{section}.{name}", "allowed: an int >= 1")
 
 
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Test-split evaluation; the champion is chosen on validation figures only."""
+
+    n_boot: int = 2000  # bootstrap resamples for the accuracy interval
+    ci: float = 0.95
+    seed: int = 0
+    ece_bins: int = 15
+    select_by: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    registered_model: str = "transferlab"
+
+    def validate(self, section: str) -> None:
+        _require(self.n_boot >= 100, f"{section}.n_boot", "allowed: an int >= 100")
+        _require(0 < self.ci < 1, f"{section}.ci", f"got {self.ci}; allowed: 0 < ci < 1")
+        _require(self.ece_bins >= 2, f"{section}.ece_bins", "allowed: an int >= 2")
+        _require(bool(self.registered_model.strip()), f"{section}.registered_model", "allowed: a non-empty name")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataParams,
     "ingest": IngestParams,
@@ -343,6 +361,7 @@ SECTIONS: dict[str, type] = {
     "extract": ExtractParams,
     "train_head": TrainHeadParams,
     "finetune": FinetuneParams,
+    "evaluate": EvaluateParams,
 }
 
 

@@ -129,6 +129,7 @@ def extract(
     split = pd.read_csv(split_csv, dtype={"label": str}, keep_default_na=False)
     classes = sorted(split["label"].unique())
     backbone.module.eval()  # BatchNorm must use its ImageNet statistics, never batch ones
+    backbone.module.requires_grad_(False)  # frozen: nothing here trains, and the counts say so
     parts: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         for part, rows in split.groupby("part", sort=True):

@@ -55,7 +55,7 @@ TABLE_COLUMNS = (
     "balanced_accuracy", "macro_f1", "log_loss", "ece", "train_seconds", "params_trainable", "params_frozen", "gflops",
 )
 MARKDOWN_DECIMALS = 3
-VAL_LOSS_KEY = "val_log_loss"
+VAL_LOSS_KEY = "val_loss"
 VAL_PREFIX = "val_"
 
 
@@ -365,9 +365,9 @@ def select_best(results: list[dict], key: str = "val_accuracy", *, maximize: boo
 
     Choosing on test accuracy would leak the test split into the decision and bias the
     reported test score upwards, so ``key`` must start with ``val_`` and every result
-    must have it. Ties go to the lower ``val_log_loss`` (missing counts as worst), then
+    must have it. Ties go to the lower ``val_loss`` (missing counts as worst), then
     to the smaller model name, so the choice is deterministic. ``maximize=False`` is for
-    lower-is-better keys such as ``val_log_loss``.
+    lower-is-better keys such as ``val_loss``.
     """
     if not results:
         raise ValueError("no results to select from")

@@ -47,6 +47,8 @@ TAG_COMMIT = "git.commit"
 TAG_DIRTY = "git.dirty"
 TAG_EXP_NAME = "dvc.exp_name"
 BATCH = 1000  # MLflow's documented per-request limit for metrics in log_batch
+PARAMS_PER_BATCH = 100  # MLflow's per-request limit for params in log_batch
+PARAM_CHARS = 6000  # MLflow's limit on a param value's length
 
 
 def tracking_uri(root: str | Path = ".") -> str:
@@ -179,7 +181,65 @@ def parent_run(root: str | Path = ".", key: str | None = None) -> str:
     tags = _base_tags(root, key) | {TAG_KIND: "pipeline"}
     when = time.strftime("%Y-%m-%d %H:%M:%S")
     run = c.create_run(exp, run_name=f"pipeline {when}", tags=tags)
+    _log_all_params(c, str(run.info.run_id), Path(root) / "params.yaml")
     return str(run.info.run_id)
+
+
+def _log_all_params(c: Any, run_id: str, params_file: Path) -> None:
+    """The whole params.yaml on the parent, so executions compare even when few stages ran."""
+    import yaml
+
+    if not params_file.exists():
+        return
+    _log_params(c, run_id, _flatten(yaml.safe_load(params_file.read_text()) or {}))
+
+
+def _log_params(c: Any, run_id: str, flat: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:PARAM_CHARS]) for k, v in flat.items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        c.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One pipeline execution as MLflow recorded it."""
+
+    run_id: str
+    name: str
+    start_ms: int
+    tags: dict[str, str]
+    params: dict[str, str]
+    test: dict[str, dict[str, float]]  # model -> test figure -> value (from its evaluate run)
+
+
+def executions(root: str | Path = ".") -> list[Execution]:
+    """Pipeline executions that reached the evaluate stage, newest first."""
+    c = client(root)
+    exp = experiment_id(root)
+    parents = c.search_runs([exp], filter_string=f"tags.`{TAG_KIND}` = 'pipeline'", order_by=["start_time DESC"])
+    evaluated = c.search_runs([exp], filter_string=f"tags.`{TAG_STAGE}` = 'evaluate'", order_by=["start_time DESC"])
+    latest_eval: dict[str, Any] = {}
+    for run in evaluated:
+        latest_eval.setdefault(run.data.tags.get("mlflow.parentRunId", ""), run)
+    out = []
+    for parent in parents:
+        ev = latest_eval.get(parent.info.run_id)
+        if ev is not None:
+            out.append(Execution(parent.info.run_id, parent.info.run_name, parent.info.start_time,
+                                 dict(parent.data.tags), dict(parent.data.params), _test_figures(ev.data.metrics)))
+    return out
+
+
+def _test_figures(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    figures: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        prefix, _, rest = key.partition("/")
+        model, _, figure = rest.partition("/")
+        if prefix == "test" and figure:
+            figures.setdefault(model, {})[figure] = value
+    return figures
 
 
 @dataclass
@@ -192,12 +252,7 @@ class StageRun:
     _client: Any
 
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
-        from mlflow.entities import Param
-
-        flat = _flatten(params, prefix)
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
-            self._client.log_batch(self.run_id, params=items[i : i + 100])
+        _log_params(self._client, self.run_id, _flatten(params, prefix))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_history({k: [float(v)] for k, v in metrics.items()}, first_step=step)
@@ -285,3 +340,27 @@ def stage_run(
         "execution_key": key,
     }
     atomic_write_text(record, json.dumps(info, indent=2) + "\n")
+
+
+def link_test_figures(run: StageRun, training_record: str | Path, model: str, figures: Mapping[str, Any]) -> None:
+    """Log a model's test figures in the evaluate run and in the run that trained it."""
+    flat = {k: float(v) for k, v in _flatten(figures).items() if isinstance(v, (int, float))}
+    run.log_metrics({f"test/{model}/{k}": v for k, v in flat.items()})
+    record = Path(training_record)
+    if not record.exists():
+        return  # trained before run records existed: the evaluate run still has the figures
+    trained = json.loads(record.read_text())["run_id"]
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
+    now = int(time.time() * 1000)
+    try:
+        run._client.log_batch(
+            trained,
+            metrics=[Metric(f"test_{k}", v, now, 0) for k, v in flat.items()],
+            tags=[RunTag("transferlab.evaluated_by", run.run_id)],
+        )
+    except MlflowException as err:  # a record restored from another store names an unknown run
+        print(f"evaluate: could not link {model} to its training run {trained}: {err.message}")
+        return
+    run.set_tags({f"transferlab.trained_by.{model}": trained})

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import log_loss
 
 from transferlab.features import PartFeatures, load_part, read_manifest
 from transferlab.heads import make_head
@@ -45,11 +46,18 @@ def fit_head(kind: str, params: Any, store: Path) -> tuple[Any, dict[str, Any], 
     metrics = {
         "train_accuracy": float(np.mean(head.predict(_inputs(train, kind)) == train.labels)),
         "val_accuracy": float(np.mean(head.predict(_inputs(val, kind)) == val.labels)),
+        "val_loss": _val_loss(head, _inputs(val, kind), val.labels),
         "fit_seconds": round(seconds, 3),
         "params_trainable": _trainable(head),
         "params_frozen": int(read_manifest(store)["param_counts"]["total"]),
     }
     return head, metrics | _selection(head), _curve(head)
+
+
+def _val_loss(head: Any, X: np.ndarray, y: np.ndarray) -> float | None:
+    if not hasattr(head, "predict_proba"):
+        return None  # an uncalibrated SVM has no probabilities
+    return float(log_loss(y, head.predict_proba(X), labels=head.classes_))
 
 
 def _trainable(head: Any) -> int:
