@@ -64,6 +64,15 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temps(target: str | Path) -> list[Path]:
+    """Delete temporaries that a killed writer of ``target`` left beside it (see atomic_path)."""
+    target = Path(target)
+    stale = sorted(target.parent.glob(f".{target.name}.*")) if target.parent.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
