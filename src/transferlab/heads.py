@@ -178,11 +178,11 @@ def _saved_params(estimator: BaseEstimator) -> dict[str, Any]:
     return params
 
 
-def _write_pair(path: str | Path, write_arrays: Any, meta: dict[str, Any]) -> None:
-    """Write arrays with ``write_arrays(tmp_path)`` then the sidecar naming their checksum."""
+def _write_pair(path: str | Path, data: bytes, meta: dict[str, Any]) -> None:
+    """Write the serialized arrays, then the sidecar naming their checksum."""
     path = Path(path)
     with atomic_path(path, suffix=".safetensors") as tmp:
-        write_arrays(tmp)
+        tmp.write_bytes(data)  # into the prepared temp file: keeps the mode atomic_path gave it
         meta = {**meta, "sha256": sha256_file(tmp)}
     atomic_write_json(_sidecar(path), meta)
 
@@ -495,7 +495,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
             "history": self.history_,
             "best_epoch": int(self.best_epoch_),
         }
-        _write_pair(path, lambda tmp: safetensors.torch.save_file(state, str(tmp)), meta)
+        _write_pair(path, safetensors.torch.save(state), meta)
 
     def _restore(self, meta: Mapping[str, Any], path: Path) -> None:
         self.classes_ = np.asarray(meta["classes"])
@@ -762,7 +762,7 @@ class SvmHead(ClassifierMixin, BaseEstimator):
             "n_iter": self.n_iter_,
             "cv_scores": None if self.cv_scores_ is None else _plain(self.cv_scores_),
         }
-        _write_pair(path, lambda tmp: safetensors.numpy.save_file(arrays, str(tmp)), meta)
+        _write_pair(path, safetensors.numpy.save(arrays), meta)
 
     def _restore(self, meta: Mapping[str, Any], path: Path) -> None:
         arrays = safetensors.numpy.load_file(str(path))
