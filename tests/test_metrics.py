@@ -320,7 +320,8 @@ def test_write_comparison(tmp_path):
     cell = dict(zip(header, first))
     assert cell["model"] == "ft-resnet18"
     assert cell["rank"] == "1"
-    assert cell["accuracy"] == "0.950"
+    assert cell["accuracy_95ci"].startswith("0.950 [")
+    assert "accuracy_ci_low" not in cell  # the CSV has the parts; the Markdown shows one interval
     assert cell["params_trainable"] == "11000000"  # ints without decimals
     assert cell["log_loss"] == ""  # missing is empty
     assert cell["gflops"] == "1.820"

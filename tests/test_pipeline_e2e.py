@@ -18,6 +18,7 @@ from transferlab import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+E2E_EPOCHS = 3
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -50,6 +51,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
     }
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["finetune"]["max_epochs"] = E2E_EPOCHS  # the demo default trains longer; CI has 2 cores
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "copy"], dest, env)
@@ -134,3 +138,68 @@ def test_changing_svm_C_outdates_only_the_svm_heads(project: tuple[Path, dict[st
     assert svm_stages and dry == svm_stages
     status = json.loads(run(["dvc", "status", "--json"], root, env))
     assert set(status) == svm_stages
+
+
+def test_evaluate_reports_every_model_on_test_and_dvc_reads_them(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    run(["dvc", "repro"], root, env)
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    n_test = int((pd.read_csv(root / "data/split.csv")["part"] == "test").sum())
+    assert set(metrics) == {"efficientnet_lite0-linear", "efficientnet_lite0-gap", "efficientnet_lite0-svm",
+                            "efficientnet_lite0-finetune"}
+    for figures in metrics.values():
+        assert figures["n"] == n_test
+        assert figures["accuracy_ci_low"] <= figures["accuracy"] <= figures["accuracy_ci_high"]
+    table = (root / "reports/comparison.md").read_text()
+    assert table.count("efficientnet_lite0-") == 4
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], root, env))
+    assert "reports/metrics.json" in json.dumps(shown)
+    run(["dvc", "plots", "show", "-o", str(root / "plots_out")], root, env)
+    assert (root / "plots_out" / "index.html").exists()
+
+
+def test_predict_with_the_registered_champion(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    images = [str(root / "data/raw/faces/face_000.png"), str(root / "data/raw/non_faces/non_face_000.png")]
+    out = run(["transferlab", "predict", *images, "--out", str(root / "pred.csv")], root, env)
+    predictions = pd.read_csv(root / "pred.csv")
+    assert len(predictions) == 2, out
+    assert set(predictions.columns) >= {"path", "label"}
+    assert list(predictions["label"]) == ["faces", "non_faces"]
+
+
+def test_experiment_then_compare_shows_both_executions(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    run(["dvc", "repro"], root, env)
+    run(["dvc", "exp", "run", "-S", "finetune.strategy=full"], root, env)
+    out = run(["transferlab", "compare"], root, env)
+    assert "finetune.strategy" in out and "last_blocks" in out and "full" in out
+    assert out.count("efficientnet_lite0-finetune") == 1  # one row, both executions side by side
+    assert "Params that differ" in out
+
+
+def test_killed_finetune_resumes_on_next_repro(project: tuple[Path, dict[str, str]]) -> None:
+    import psutil
+
+    root, env = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["finetune"]["lr"] /= 2  # a new setting: the stage trains from scratch
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if re.search(r"finetune@\S+ epoch 1/", line):
+            break  # epoch 1 finished and checkpointed; epoch 2 is starting
+    else:
+        pytest.fail("finetune never finished its first epoch")
+    stage = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if any("pipeline/finetune.py" in part for part in p.cmdline())]
+    assert stage, "the finetune stage process was not found"
+    for p in stage:
+        p.kill()  # SIGKILL: no cleanup, as when a machine dies
+    proc.communicate()
+    assert proc.returncode != 0
+    out = run(["dvc", "repro"], root, env)
+    assert re.search(r"resuming finetune@\S+ from checkpoint: epoch 1 of \d+ finished", out), out
+    assert (root / "models/finetune/efficientnet_lite0/model.safetensors").exists()

@@ -214,7 +214,7 @@ class LinearHeadParams:
     dropout: float = 0.5
     lr: float = 3e-5  # thousands of flattened inputs: a small step, or it overfits in one epoch
     weight_decay: float = 1e-2
-    max_epochs: int = 100
+    max_epochs: int = 50
     batch_size: int = 64
     patience: int = 10
     class_weight: ClassWeight = None

@@ -376,7 +376,7 @@ def make_optimizer(groups: list[dict[str, Any]], params: FinetuneParams) -> torc
     """AdamW, or SGD with (Nesterov) momentum; per-group lr and weight decay come from ``groups``."""
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum, nesterov=params.momentum > 0)
-    return torch.optim.AdamW(groups, lr=params.lr)
+    return torch.optim.AdamW(groups, lr=params.lr, fused=True)  # one kernel per step: faster on CPU
 
 
 @dataclass(frozen=True)

@@ -320,7 +320,8 @@ def train_module(
     seeds (see ``_TorchHead.fit``).
     """
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per step instead of a Python loop over tensors, several times faster on CPU
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
     y_t = torch.from_numpy(y)
     val = None if eval_set is None else (eval_set[0], torch.from_numpy(eval_set[1]))

@@ -354,10 +354,18 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The Markdown table is for reading: the interval as one string, no duplicate columns.
+MARKDOWN_COLUMNS = (
+    "rank", "model", "kind", "accuracy_95ci", "balanced_accuracy", "macro_f1", "log_loss", "ece",
+    "train_seconds", "params_trainable", "params_frozen", "gflops",
+)
+
+
 def write_comparison(table: pd.DataFrame, csv_path: Path, md_path: Path) -> None:
     """Write ``table`` as CSV (full precision, missing empty) and as Markdown, each atomically."""
     atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
-    atomic_write_text(md_path, _markdown_table(table))
+    shown = [c for c in MARKDOWN_COLUMNS if c in table.columns]
+    atomic_write_text(md_path, _markdown_table(table[shown]))
 
 
 def select_best(results: list[dict], key: str = "val_accuracy", *, maximize: bool = True) -> dict:

@@ -49,10 +49,12 @@ TAG_EXP_NAME = "dvc.exp_name"
 BATCH = 1000  # MLflow's documented per-request limit for metrics in log_batch
 PARAMS_PER_BATCH = 100  # MLflow's per-request limit for params in log_batch
 PARAM_CHARS = 6000  # MLflow's limit on a param value's length
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
 
 
 def tracking_uri(root: str | Path = ".") -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+    env = os.environ.get(TRACKING_ENV)
     if env:
         return env
     db = (Path(root).resolve() / STORE_DIR / "mlflow.db").as_posix()
@@ -60,20 +62,39 @@ def tracking_uri(root: str | Path = ".") -> str:
 
 
 def _artifact_root(root: str | Path) -> str | None:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    if os.environ.get(TRACKING_ENV):
         return None  # the server decides
     return (Path(root).resolve() / STORE_DIR / "artifacts").as_uri()
 
 
-def client(root: str | Path = ".") -> Any:
+def _point_mlflow_at(uri: str) -> str:
+    """Make ``uri`` MLflow's tracking store and, unless the user named one, its registry.
+
+    Returns the registry URI.
+    """
     import mlflow
+
+    users = {name: os.environ.get(name) for name in (TRACKING_ENV, REGISTRY_ENV)}
+    registry = users[REGISTRY_ENV] or uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(registry)
+    for name, value in users.items():
+        # MLflow exports both URIs to the environment; tracking_uri() reads the
+        # variable as the user's choice, so an exported one would pin every later
+        # root of this process (tests, the CLI) to the first store it opened.
+        if value is None:
+            os.environ.pop(name, None)
+    return registry
+
+
+def client(root: str | Path = ".") -> Any:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(root)
     if uri.startswith("sqlite:"):
         (Path(root).resolve() / STORE_DIR).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    registry = _point_mlflow_at(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=registry)
 
 
 def experiment_id(root: str | Path = ".", name: str = EXPERIMENT) -> str:
@@ -364,3 +385,114 @@ def link_test_figures(run: StageRun, training_record: str | Path, model: str, fi
         print(f"evaluate: could not link {model} to its training run {trained}: {err.message}")
         return
     run.set_tags({f"transferlab.trained_by.{model}": trained})
+
+
+# ---------------------------------------------------------------- model registry
+
+CHAMPION_ALIAS = "champion"
+LOGGED_MODEL_NAME = "model"  # the pyfunc's name inside the evaluate run
+TAG_CHAMPION = "transferlab.champion"
+# What the pyfunc imports when it loads (transferlab.serving and its imports),
+# pinned to the versions it was logged with. Listing them saves MLflow's
+# requirement inference, which loads the model again in a subprocess.
+SERVING_DISTRIBUTIONS = (
+    "mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "scipy", "scikit-learn",
+    "safetensors", "pyyaml", "tqdm",
+)
+MODEL_METADATA_KEYS = ("kind", "backbone", "weights", "classes")
+
+
+class ChampionNotFoundError(LookupError):
+    """No model carries the champion alias in the registry."""
+
+
+def _pinned(distribution: str) -> str:
+    from importlib.metadata import version
+
+    # local labels (torch's "+cpu") name a build from another index; pip on PyPI cannot resolve them
+    return f"{distribution}=={version(distribution).split('+')[0]}"
+
+
+def serving_requirements() -> list[str]:
+    return [_pinned(name) for name in SERVING_DISTRIBUTIONS]
+
+
+def serving_signature(classes: list[str]) -> Any:
+    """Optional ``path`` (string) and ``image`` (binary) in; label, probability, p_<class>..., error out.
+
+    transferlab.serving explains why arrays travel as encoded bytes, not as a
+    column or tensor of their own.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from transferlab import serving
+
+    inputs = Schema([ColSpec("string", serving.PATH, required=False), ColSpec("binary", serving.IMAGE, required=False)])
+    outputs = Schema([
+        ColSpec("string", serving.LABEL, required=False),
+        ColSpec("double", serving.PROBABILITY, required=False),
+        *[ColSpec("double", serving.proba_column(c), required=False) for c in classes],
+        ColSpec("string", serving.ERROR, required=False),
+    ])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_champion(run: StageRun, predictor_dir: Path, registered_name: str, input_example_image: Path) -> str:
+    """Log predictor directory ``predictor_dir`` as a pyfunc in ``run``, register it, alias it champion.
+
+    ``input_example_image``: an image file whose bytes become the input
+    example (MLflow checks at log time that the model serves it). Returns the
+    new model version.
+    """
+    import mlflow
+    import pandas as pd
+
+    from transferlab import serving
+    from transferlab.predictor import read_spec
+
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run.run_id:
+        raise RuntimeError(f"log_champion needs stage run {run.run_id} active (tracking.stage_run starts it)")
+    spec = read_spec(predictor_dir)
+    # log_model registers through MLflow's globals: point them at this run's store again
+    _point_mlflow_at(run._client.tracking_uri)
+    info = mlflow.pyfunc.log_model(
+        name=LOGGED_MODEL_NAME,
+        python_model=serving.ImageClassifier(),
+        artifacts={serving.PREDICTOR_ARTIFACT: str(predictor_dir)},
+        # the package travels with the model: it loads with the code it was logged with
+        code_paths=[str(Path(serving.__file__).parent)],
+        signature=serving_signature(list(spec["classes"])),
+        input_example=pd.DataFrame({serving.IMAGE: [Path(input_example_image).read_bytes()]}),
+        pip_requirements=serving_requirements(),
+        metadata={key: spec.get(key) for key in MODEL_METADATA_KEYS},
+        registered_model_name=registered_name,
+    )
+    version = str(info.registered_model_version)
+    run._client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
+    run.set_tags({TAG_CHAMPION: f"models:/{registered_name}/{version}"})
+    return version
+
+
+def _store_missing(root: str | Path) -> bool:
+    # opening a missing SQLite store would create an empty one in whatever folder the user is in
+    return not os.environ.get(TRACKING_ENV) and not (Path(root) / STORE_DIR / "mlflow.db").exists()
+
+
+def load_champion(registered_name: str, root: str | Path = ".") -> Any:
+    """The pyfunc registered as ``models:/<registered_name>@champion`` in the store at ``root``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    hint = "run `dvc repro` (its evaluate stage registers the champion) or use a predictor directory"
+    if _store_missing(root):
+        raise ChampionNotFoundError(f"no MLflow store at {Path(root) / STORE_DIR}: {hint}")
+    registry = client(root)
+    try:
+        registry.get_model_version_by_alias(registered_name, CHAMPION_ALIAS)
+    except MlflowException as err:
+        raise ChampionNotFoundError(
+            f"no model registered as {registered_name}@{CHAMPION_ALIAS} in {mlflow.get_registry_uri()}: {hint}"
+        ) from err
+    return mlflow.pyfunc.load_model(f"models:/{registered_name}@{CHAMPION_ALIAS}")
