@@ -37,7 +37,8 @@ def main() -> None:
             tracking.link_test_figures(run, s.ref.path / "run.json", s.ref.name, metric_summary(result))
         best = champion(results, params)
         ref = next(r for r in refs if r.name == best["model"])
-        build_predictor(ref, extract.weights.get(ref.backbone), extract.weights_path.get(ref.backbone), CHAMPION)
+        build_predictor(ref, extract.weights.get(ref.backbone), extract.weights_path.get(ref.backbone), CHAMPION,
+                        config.section("ingest"))
         example = IMAGES / split.loc[split["part"] == "test", "path"].iloc[0]
         version = tracking.log_champion(run, CHAMPION, params.registered_model, example)
         run.log_artifact(REPORTS / "comparison.md")

@@ -115,7 +115,9 @@ EXPECTED_IN_FOLDER = {"blue.png": "blue", "sub/green.png": "green", "sub/deeper/
 
 
 @pytest.fixture(scope="module")
-def store(predictor_dir: Path, tmp_path_factory: pytest.TempPathFactory, fresh: dict[str, np.ndarray]) -> Iterator[Path]:
+def store(
+    predictor_dir: Path, tmp_path_factory: pytest.TempPathFactory, fresh: dict[str, np.ndarray]
+) -> Iterator[Path]:
     """A project root whose SQLite store has the predictor registered as NAME@champion."""
     root = tmp_path_factory.mktemp("project")
     example = _write(root / "example.png", fresh["blue"])
@@ -330,9 +332,9 @@ def test_no_champion_is_a_clear_error(in_store: Path, tmp_path: Path) -> None:
 
 
 def test_opening_one_store_does_not_pin_the_next_root(in_store: Path, tmp_path: Path) -> None:
-    tracking.client(in_store)
-    assert tracking.TRACKING_ENV not in os.environ
-    assert str(tmp_path.resolve()) in tracking.tracking_uri(tmp_path)
+    tracking.client(tmp_path)
+    assert tracking.TRACKING_ENV not in os.environ  # MLflow exports it; only a user's own value may stay
+    assert tracking.tracking_uri(in_store) == f"sqlite:///{(in_store / 'mlruns' / 'mlflow.db').resolve().as_posix()}"
 
 
 # ------------------------------------------------------------------ transferlab predict

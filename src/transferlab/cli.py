@@ -158,7 +158,7 @@ def _image_files(paths: Sequence[Path], extensions: frozenset[str]) -> list[Path
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = (p for p in path.rglob("*") if p.suffix.lower() in extensions )
+            found = (p for p in path.rglob("*") if p.suffix.lower() in extensions and _visible(p, path))
             files.extend(sorted(p for p in found if p.is_file()))
         else:
             files.append(path)  # named explicitly: tried whatever its extension; a missing one is a bad file
@@ -203,7 +203,8 @@ def _print_table(paths: list[str], frame: pd.DataFrame, k: int) -> None:
     print(f"{'path':<{width}}  top {min(k, len(columns))}")
     for path, (_, row) in zip(paths, frame.iterrows()):
         error = row[ERROR]
-        print(f"{path:<{width}}  {f'error: {error}' if error is not None else _top_k(row, columns, PROBA_PREFIX, k)}")
+        shown = f"error: {error}" if isinstance(error, str) else _top_k(row, columns, PROBA_PREFIX, k)
+        print(f"{path:<{width}}  {shown}")
 
 
 def _write_csv(out: Path, paths: list[str], frame: pd.DataFrame) -> None:
@@ -231,7 +232,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _print_table(paths, frame, args.top_k)
     if args.out is not None:
         _write_csv(args.out, paths, frame)
-    bad = [(p, e) for p, e in zip(paths, frame[serving.ERROR]) if e is not None]
+    bad = [(p, e) for p, e in zip(paths, frame[serving.ERROR]) if isinstance(e, str)]
     for path, error in bad:
         print(f"transferlab: cannot classify {path}: {error}", file=sys.stderr)
     if len(bad) == len(paths):
@@ -257,7 +258,9 @@ def _add_predict(subparsers: Any) -> None:
         help=f"`{CHAMPION}` (default): the model registered with the alias champion in MLflow "
              "(the evaluate stage registers it); or a predictor directory such as models/champion",
     )
-    predict.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"classes shown per image (default: {DEFAULT_TOP_K})")
+    predict.add_argument(
+        "--top-k", type=int, default=DEFAULT_TOP_K, help=f"classes shown per image (default: {DEFAULT_TOP_K})"
+    )
     predict.add_argument("--out", type=Path, help="also write every probability to this CSV")
     predict.add_argument(
         "--registered-name", metavar="NAME",

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from transferlab.backbones import NO_WEIGHTS, load_backbone
-from transferlab.config import EvaluateParams
+from transferlab.config import EvaluateParams, IngestParams
 from transferlab.features import load_part
 from transferlab.heads import load_head
 from transferlab.metrics import confusion_rows, evaluate_predictions, select_best
@@ -167,12 +167,13 @@ def write_reports(scored: list[Scored], results: list[dict[str, Any]], reports: 
                 roc.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None, out: Path) -> None:
-    """Bundle model ``ref`` as a self-contained predictor directory at ``out``."""
+def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None, out: Path,
+                    ingest: IngestParams) -> None:
+    """Bundle model ``ref`` as a self-contained predictor at ``out``; new images get ``ingest``'s decoding."""
     from transferlab.predictor import save_finetune_predictor, save_head_predictor
 
     if ref.kind == "finetune":
-        save_finetune_predictor(ref.path, out)
+        save_finetune_predictor(ref.path, out, ingest_params=ingest)
         return
     backbone = load_backbone(ref.backbone, weights, weights_path)
-    save_head_predictor(backbone, ref.path / MODEL_FILE, out, weights=weights)
+    save_head_predictor(backbone, ref.path / MODEL_FILE, out, weights=weights, ingest_params=ingest)

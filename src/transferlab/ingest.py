@@ -193,7 +193,7 @@ def discover(raw_dir: Path) -> list[Candidate]:
 
 
 @contextlib.contextmanager
-def _strict_pillow(max_pixels: int) -> Iterator[None]:
+def strict_pillow(max_pixels: int) -> Iterator[None]:
     """Pillow's bomb limit and truncation switch are module globals: set them for one call.
 
     Another caller (a DataLoader, a notebook) may have relaxed either; a
@@ -211,7 +211,7 @@ def _strict_pillow(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def _read(path: Path, max_file_mb: float) -> bytes:
+def read_limited(path: Path, max_file_mb: float) -> bytes:
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -276,9 +276,9 @@ def _safe_formats() -> list[str]:
     return sorted(f for f in Image.OPEN if f not in UNSAFE_FORMATS)
 
 
-def _decode(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
+def decode_image(data: bytes, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
     """Upright RGB image shrunk to ``max_side``, and the upright original size."""
-    # open() reads only the header and, under _strict_pillow, refuses more than
+    # open() reads only the header and, under strict_pillow, refuses more than
     # ingest.max_pixels before a single pixel is decoded
     with Image.open(io.BytesIO(data), formats=_safe_formats()) as img:
         width, height = img.size
@@ -305,12 +305,12 @@ def _check_extension(path: Path, extensions: list[str] | None) -> None:
 
 def _process(candidate: Candidate, params: IngestParams) -> _Decoded:
     _check_extension(candidate.path, params.extensions)
-    data = _read(candidate.path, params.max_file_mb)
-    image, (width, height) = _decode(data, params.max_side)
+    data = read_limited(candidate.path, params.max_file_mb)
+    image, (width, height) = decode_image(data, params.max_side)
     return _Decoded(image, sha256_bytes(data), width, height)
 
 
-def _rejection(exc: Exception, params: IngestParams) -> tuple[str, str]:
+def rejection_reason(exc: Exception, params: IngestParams) -> tuple[str, str]:
     """(reason, detail) for whatever decoding a bad file raised."""
     if isinstance(exc, _Reject):
         return exc.reason, exc.detail
@@ -415,12 +415,12 @@ def _convert_all(
         for s in layout.strays
     ]
     taken: set[str] = set()
-    with _strict_pillow(params.max_pixels):
+    with strict_pillow(params.max_pixels):
         for cand in tqdm(layout.candidates, desc="ingest", unit="img", disable=not progress):
             try:
                 decoded = _process(cand, params)
             except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
-                reason, detail = _rejection(exc, params)
+                reason, detail = rejection_reason(exc, params)
                 rejected.append({"path": cand.source, "reason": reason, "detail": detail, "label": cand.label})
                 continue
             rel = _output_path(cand, decoded.sha256, taken)

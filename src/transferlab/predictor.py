@@ -94,7 +94,12 @@ class Predictor:
         return np.concatenate(out) if out else np.empty((0, len(self.classes)))
 
     def open_image(self, source: ImageSource | None) -> Image.Image:
-        """Decode one source the way ingest decoded the training images."""
+        """Decode one source the way ingest decoded the training images.
+
+        ingest's own decoder (private helpers of transferlab.ingest) does the
+        work, so training and serving cannot drift apart. An already decoded
+        PIL image is taken as it is.
+        """
         if source is None:
             raise TypeError("no image given (neither a path nor image bytes)")
         if isinstance(source, Image.Image):
@@ -102,18 +107,18 @@ class Predictor:
         if isinstance(source, np.ndarray):
             source = array_to_png(source)
         elif isinstance(source, (str, os.PathLike)):
-            source = ingest._read(Path(source), self.decoding.max_file_mb)
+            source = ingest.read_limited(Path(source), self.decoding.max_file_mb)
         if not isinstance(source, (bytes, bytearray, memoryview)):
             raise TypeError(f"cannot classify {type(source).__name__}: expected a path, bytes or a uint8 array")
-        with ingest._strict_pillow(self.decoding.max_pixels):
-            image, _ = ingest._decode(bytes(source), self.decoding.max_side)
+        with ingest.strict_pillow(self.decoding.max_pixels):
+            image, _ = ingest.decode_image(bytes(source), self.decoding.max_side)
         return image
 
     def describe_error(self, exc: Exception) -> str:
         """One line naming why a source could not be decoded (ingest's rejection codes)."""
         if isinstance(exc, TypeError):
             return f"{UNSUPPORTED}: {exc}"
-        reason, detail = ingest._rejection(exc, self.decoding)
+        reason, detail = ingest.rejection_reason(exc, self.decoding)
         return f"{reason}: {detail}"
 
     def classify(self, sources: Sequence[ImageSource | None], batch_size: int = DEFAULT_BATCH) -> Classified:

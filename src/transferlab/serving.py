@@ -50,7 +50,7 @@ PROBA_PREFIX = "p_"
 PREDICTOR_ARTIFACT = "predictor"  # key of the predictor directory in the pyfunc's artifacts
 BATCH_NDIM = 4  # N x H x W x C
 
-ModelInput = Union[pd.DataFrame, pd.Series, np.ndarray, Sequence[ImageSource], str, "os.PathLike[str]", bytes]
+ModelInput = Union[pd.DataFrame, pd.Series, np.ndarray, Sequence[ImageSource], str, os.PathLike[str], bytes]
 
 
 def proba_column(label: str) -> str:
