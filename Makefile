@@ -23,11 +23,19 @@ $(STAMP): requirements.lock pyproject.toml
 data/raw: | $(STAMP)
 	$(BIN)/transferlab data get
 
+# two test images per class for the closing `transferlab predict` example
+DEMO_IMAGES := import pandas as p; s = p.read_csv("data/split.csv"); \
+	print(" ".join("data/prepared/" + s[s.part == "test"].groupby("label").head(2).path))
+
 demo: $(STAMP) data/raw
 	$(BIN)/dvc repro
 	$(BIN)/transferlab summary
 	@echo
-	@echo "Browse every run:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db)"
+	@echo "The registered champion on a few test images:"
+	$(BIN)/transferlab predict $$($(BIN)/python -c '$(DEMO_IMAGES)') --top-k 2
+	@echo
+	@echo "Compare executions:  $(BIN)/transferlab compare"
+	@echo "Browse every run:    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
