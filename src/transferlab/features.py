@@ -54,7 +54,7 @@ def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
         yield paths[i : i + size]
 
 
-def _load_batch(paths: list[Path], backbone: Backbone) -> torch.Tensor:
+def load_batch(paths: list[Path], backbone: Backbone) -> torch.Tensor:
     images = []
     for p in paths:
         with Image.open(p) as img:
@@ -93,7 +93,7 @@ def _extract_part(
     desc = f"extract {backbone.name} [{part}]"
     with torch.inference_mode():
         for batch in tqdm(list(_batches(paths, batch_size)), desc=desc, unit="batch"):
-            fmap = backbone.forward_features(_load_batch(batch, backbone))
+            fmap = backbone.forward_features(load_batch(batch, backbone))
             if keep_maps:
                 if maps_file is None:
                     maps_shape = [len(paths), *fmap.shape[1:]]
