@@ -154,6 +154,11 @@ def test_evaluate_reports_every_model_on_test_and_dvc_reads_them(project: tuple[
     assert table.count("efficientnet_lite0-") == 4
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], root, env))
     assert "reports/metrics.json" in json.dumps(shown)
+    # stdout only: dvc warns on stderr that HEAD has no metrics yet
+    diff = json.loads(subprocess.run(["dvc", "metrics", "diff", "--json"], cwd=root, env=env,
+                                     capture_output=True, text=True, check=True).stdout)
+    gap = diff["reports/metrics.json"]["efficientnet_lite0-gap.accuracy"]
+    assert gap["old"] is None and gap["new"] == metrics["efficientnet_lite0-gap"]["accuracy"]
     run(["dvc", "plots", "show", "-o", str(root / "plots_out")], root, env)
     assert (root / "plots_out" / "index.html").exists()
 
