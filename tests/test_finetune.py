@@ -83,13 +83,7 @@ class Crash(RuntimeError):
     """Raised from the epoch hook to simulate a crash after an epoch finished."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On a shared 2-core machine spin-waiting threads make 2 threads far slower than 1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- helpers

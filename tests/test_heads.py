@@ -32,14 +32,7 @@ TORCH_KINDS = ["linear", "gap"]
 ALL_KINDS = ["linear", "gap", "svm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The tensors here are tiny, so thread hand-offs dominate; on a shared
-    # 2-core machine spin-waiting makes 2 threads ~10x slower than 1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_maps(

@@ -198,36 +198,9 @@ class ExtractParams:
 ClassWeight = Literal[None, "balanced"]
 
 
-def _check_torch_head(p: Any, key: str) -> None:
-    _require(0 <= p.dropout < 1, f"{key}.dropout", f"got {p.dropout}; allowed: 0 <= dropout < 1")
-    _require(0 < p.lr <= 1, f"{key}.lr", f"got {p.lr}; allowed: 0 < lr <= 1")
-    _require(p.weight_decay >= 0, f"{key}.weight_decay", "allowed: a number >= 0")
-    for name in ("max_epochs", "batch_size", "patience"):
-        _require(getattr(p, name) >= 1, f"{key}.{name}", "allowed: an int >= 1")
-
-
 @dataclass(frozen=True)
-class LinearHeadParams:
-    """Flatten -> Dense(hidden, ReLU) -> Dropout -> Dense; hidden 0 = one linear layer."""
-
-    hidden: int = 256
-    dropout: float = 0.5
-    lr: float = 3e-5  # thousands of flattened inputs: a small step, or it overfits in one epoch
-    weight_decay: float = 1e-2
-    max_epochs: int = 50
-    batch_size: int = 64
-    patience: int = 10
-    class_weight: ClassWeight = None
-    random_state: int = 0
-
-    def validate(self, section: str) -> None:
-        _require(self.hidden >= 0, f"{section}.hidden", "allowed: an int >= 0 (0 = a single linear layer)")
-        _check_torch_head(self, section)
-
-
-@dataclass(frozen=True)
-class GapHeadParams:
-    """Global average pooling -> Dropout -> Dense."""
+class TorchHeadParams:
+    """What every torch head trained on cached maps shares."""
 
     dropout: float = 0.0
     lr: float = 1e-3
@@ -239,7 +212,31 @@ class GapHeadParams:
     random_state: int = 0
 
     def validate(self, section: str) -> None:
-        _check_torch_head(self, section)
+        _require(0 <= self.dropout < 1, f"{section}.dropout", f"got {self.dropout}; allowed: 0 <= dropout < 1")
+        _require(0 < self.lr <= 1, f"{section}.lr", f"got {self.lr}; allowed: 0 < lr <= 1")
+        _require(self.weight_decay >= 0, f"{section}.weight_decay", f"got {self.weight_decay}; allowed: a number >= 0")
+        for name in ("max_epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            _require(value >= 1, f"{section}.{name}", f"got {value}; allowed: an int >= 1")
+
+
+@dataclass(frozen=True)
+class LinearHeadParams(TorchHeadParams):
+    """Flatten -> Dense(hidden, ReLU) -> Dropout -> Dense; hidden 0 = one linear layer."""
+
+    dropout: float = 0.5
+    lr: float = 3e-5  # thousands of flattened inputs: a small step, or it overfits in one epoch
+    max_epochs: int = 50
+    hidden: int = 256
+
+    def validate(self, section: str) -> None:
+        _require(self.hidden >= 0, f"{section}.hidden", "allowed: an int >= 0 (0 = a single linear layer)")
+        super().validate(section)
+
+
+@dataclass(frozen=True)
+class GapHeadParams(TorchHeadParams):
+    """Global average pooling -> Dropout -> Dense."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +330,8 @@ class FinetuneParams:
             f"got {self.warmup_epochs}; allowed: 0 <= warmup_epochs < max_epochs ({self.max_epochs})",
         )
         for name in ("max_epochs", "patience", "batch_size"):
-            _require(getattr(self, name) >= 1, f"{section}.{name}", "allowed: an int >= 1")
+            value = getattr(self, name)
+            _require(value >= 1, f"{section}.{name}", f"got {value}; allowed: an int >= 1")
 
 
 @dataclass(frozen=True)
