@@ -61,7 +61,9 @@ from transferlab.io import atomic_write_text
 T = TypeVar("T")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (PROJECT_ROOT / ".." / "shared/datasets/hymenoptera").resolve()
+sys.path.insert(0, str(PROJECT_ROOT / "tests"))
+from helpers import find_hymenoptera  # noqa: E402
+
 TRAIN_FOLDER = "train"
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 BENCHMARKS_FILE = PROJECT_ROOT / "BENCHMARKS.md"
@@ -541,7 +543,7 @@ def write_section(path: Path, body: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="dataset root; its train/ class folders are read"
+        "--data", type=Path, default=find_hymenoptera(), help="dataset root; its train/ class folders are read"
     )
     parser.add_argument("--limit", type=int, default=None, help="at most N images per class (default: all)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs for the torch heads")
@@ -552,6 +554,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--benchmarks", type=Path, default=BENCHMARKS_FILE, help="Markdown file to update")
     args = parser.parse_args(argv)
+    if args.data is None:
+        parser.error("no local copy of hymenoptera found: pass --data DIR or set TRANSFERLAB_HYMENOPTERA")
     for name in ("limit", "epochs", "threads", "backbone_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:

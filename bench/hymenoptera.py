@@ -24,9 +24,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env, split_as_published  # noqa: E402
+
 SECTION = "hymenoptera"
-VAL_FROM_TRAIN = 0.15  # share of the train folder drawn as the val split
 REFERENCE = {"ResNet-18 frozen + linear (PyTorch tutorial)": 0.948, "ResNet-18 fine-tuned (tutorial)": 0.935}
 
 
@@ -37,32 +38,11 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return done.stdout + done.stderr
 
 
-def copy_project(dest: Path, env: dict[str, str]) -> None:
-    files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT, env).split("\n")
-    for rel in filter(None, files):
-        if rel != "dvc.lock" and (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        sh(cmd, dest, env)
-
-
 def configure(project: Path, strategy: str) -> dict:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["split"]["folders"] = {"val": "test"}
-    params["split"]["ratios"] = {"train": 1 - VAL_FROM_TRAIN, "val": VAL_FROM_TRAIN, "test": 0.0}
+    params = split_as_published(yaml.safe_load((project / "params.yaml").read_text()))
     params["finetune"]["strategy"] = strategy
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TRANSFERLAB_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    for who in ("AUTHOR", "COMMITTER"):
-        env[f"GIT_{who}_NAME"], env[f"GIT_{who}_EMAIL"] = "bench", "bench@example.com"
-    return env
 
 
 def machine() -> str:
@@ -116,10 +96,12 @@ def write_section(text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", default="last_blocks", choices=["head_only", "last_blocks", "full"])
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=find_hymenoptera())
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
-    env = environment()
+    if args.data is None:
+        parser.error("no local copy of hymenoptera found: pass --data DIR or set TRANSFERLAB_HYMENOPTERA")
+    env = project_env()
     work = args.keep or Path(tempfile.mkdtemp(prefix="transferlab-bench-"))
     project = work / "project"
     copy_project(project, env)

@@ -151,3 +151,54 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
     assert act == exp, "file contents differ"
     for rel in exp:  # belt and braces: compare raw bytes too
         assert (actual / rel).read_bytes() == (expected / rel).read_bytes(), rel
+
+
+# --------------------------------------------------------------------------- project copies
+# The end-to-end tests and the benchmarks run the real `dvc repro` in a throw-away copy of
+# this project, so nothing they do touches the working tree, its cache or its MLflow store.
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The shared real dataset: next to the project, or where this team's machines keep it.
+HYMENOPTERA_CANDIDATES = (
+    PROJECT_ROOT.parent / "shared" / "datasets" / "hymenoptera",
+    Path("/work/shared/datasets/hymenoptera"),
+)
+VAL_FROM_TRAIN = 0.15  # share of hymenoptera's train folder drawn as the val split
+
+
+def find_hymenoptera() -> Path | None:
+    """``$TRANSFERLAB_HYMENOPTERA`` if set, else the first candidate folder that exists."""
+    if os.environ.get("TRANSFERLAB_HYMENOPTERA"):
+        return Path(os.environ["TRANSFERLAB_HYMENOPTERA"])
+    return next((p for p in HYMENOPTERA_CANDIDATES if p.is_dir()), None)
+
+
+def project_env() -> dict[str, str]:
+    """``os.environ`` without MLflow/DVC/transferlab settings, this venv first on PATH, a git identity."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TRANSFERLAB_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env | GIT_IDENTITY
+
+
+def copy_project(dest: Path, env: dict[str, str]) -> None:
+    """The files git sees (tracked, or untracked and not ignored), committed in a new repo at ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\n")
+    for rel in filter(None, listed):
+        if rel == "dvc.lock":  # a local run's record; the copy must start from scratch
+            continue
+        if (PROJECT_ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / rel, dest / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, env=env, capture_output=True, check=True)
+
+
+def split_as_published(params: dict) -> dict:
+    """Hymenoptera as its published figures are measured: train folder (val drawn from it), test = val folder."""
+    params["split"]["folders"] = {"val": "test"}
+    params["split"]["ratios"] = {"train": 1 - VAL_FROM_TRAIN, "val": VAL_FROM_TRAIN, "test": 0.0}
+    return params

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from helpers import copy_project, project_env
 from transferlab import tracking
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 E2E_EPOCHS = 3
 
@@ -34,29 +31,12 @@ def ran_stages(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     dest = tmp_path_factory.mktemp("e2e") / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\n")
-    for rel in filter(None, files):
-        if rel == "dvc.lock":  # a local run's record; the copy must start from scratch
-            continue
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TRANSFERLAB_"))}
-    env |= {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
+    env = project_env()
+    copy_project(dest, env)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["finetune"]["max_epochs"] = E2E_EPOCHS  # the demo default trains longer; CI has 2 cores
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], dest, env)
-    run(["git", "add", "-A"], dest, env)
-    run(["git", "commit", "-qm", "copy"], dest, env)
+    run(["git", "commit", "-qam", "e2e params"], dest, env)
     run(["transferlab", "data", "get"], dest, env)
     return dest, env
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import find_hymenoptera
 from transferlab import cli, sources
 from transferlab.io import sha256_file
 from transferlab.sources import Limits, SourceError, check_layout, get_source
 
-SHARED_HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
+SHARED_HYMENOPTERA = find_hymenoptera()
 
 
 def png_bytes(value: int = 0) -> bytes:
@@ -333,8 +334,9 @@ def test_hymenoptera_counts_checked(
     assert not (tmp_path / "raw").exists()
 
 
-@pytest.mark.skipif(not SHARED_HYMENOPTERA.is_dir(), reason="no local copy of hymenoptera")
+@pytest.mark.skipif(SHARED_HYMENOPTERA is None, reason="no local copy of hymenoptera")
 def test_hymenoptera_counts_match_local_copy() -> None:
+    assert SHARED_HYMENOPTERA is not None
     sources.verify_hymenoptera(SHARED_HYMENOPTERA)  # the stray .gif is not counted
 
 
