@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models as tvm
+from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
 from transferlab.backbones import (
@@ -559,3 +560,23 @@ def test_train_transform_shares_the_eval_config(lite0: Backbone, chelsea: Image.
     assert v2.RandomHorizontalFlip not in {type(s) for s in lite0.train_transform(hflip=False).transforms}
     out = train(chelsea)
     assert out.dtype == torch.float32 and out.shape == (3, cfg["crop_size"], cfg["crop_size"])
+
+
+def test_frozen_blocks_run_without_dropout_or_stochastic_depth() -> None:
+    backbone = load_backbone("efficientnet_b0", weights=NO_WEIGHTS)  # drops residual paths in every block
+    backbone.set_trainable_blocks(2)
+    set_train_mode(backbone, True)
+    names = [name for name, _ in backbone.blocks()]
+    trained = tuple(f"{name}." for name in names[-2:])
+    stochastic = {n: m.training for n, m in backbone.module.named_modules()
+                  if isinstance(m, (StochasticDepth, nn.Dropout))}
+    frozen_modes = [mode for n, mode in stochastic.items() if n.startswith("features.") and not n.startswith(trained)]
+    trained_modes = [mode for n, mode in stochastic.items() if n.startswith(trained)]
+    assert frozen_modes and trained_modes
+    assert not any(frozen_modes)
+    assert all(trained_modes)
+    assert stochastic["classifier.0"]  # the head's dropout still regularises
+    x = _random_input(backbone)[:1]
+    with torch.no_grad():
+        frozen_part = backbone.module.features[: len(names) - 2]
+        torch.testing.assert_close(frozen_part(x), frozen_part(x))  # deterministic while training

@@ -478,18 +478,28 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def _fully_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(param.requires_grad for param in params)
+
+
 def set_train_mode(target: Backbone | nn.Module, train: bool) -> None:
-    """``module.train(train)``, but BatchNorm layers with frozen parameters stay in eval mode.
+    """``module.train(train)``, but what is frozen keeps running as at inference.
 
     In train mode BatchNorm normalises with the current batch's statistics and
     overwrites its running mean/variance with them. For a frozen layer that
     means its output drifts towards the new dataset while its affine weights,
     and every frozen layer after it, cannot adapt -- the "frozen" features
     change anyway (and stop matching features cached from the same weights).
+    Dropout and stochastic depth inside a frozen block (torchvision's
+    EfficientNets drop whole residual paths) only add noise that the block
+    cannot learn from, so a fully frozen submodule runs in eval mode as a whole.
     """
     module = target.module if isinstance(target, Backbone) else target
     module.train(train)
     if train:
+        for sub in [m for m in module.modules() if _fully_frozen(m)]:
+            sub.eval()
         for batchnorm in _frozen_batchnorms(module):
             batchnorm.eval()
 
@@ -638,7 +648,7 @@ class Backbone:
         self.classifier.requires_grad_(True)
 
     def train(self, mode: bool = True) -> None:
-        """Train mode for trainable layers; frozen BatchNorm stays in eval (see set_train_mode)."""
+        """Train mode for trainable layers; frozen blocks and BatchNorm stay in eval (see set_train_mode)."""
         set_train_mode(self, mode)
 
     def param_counts(self) -> dict[str, int]:

@@ -10,8 +10,9 @@ What the training does, and why:
 
 * **Strategy** (``finetune.strategy``): ``head_only`` trains the head alone,
   ``last_blocks`` the head plus the top ``finetune.last_blocks`` named blocks,
-  ``full`` everything. Frozen BatchNorm layers stay in eval mode while the
-  rest trains (``Backbone.train``), so frozen features do not drift.
+  ``full`` everything. Frozen blocks (their BatchNorm, dropout and stochastic
+  depth) stay in eval mode while the rest trains (``Backbone.train``), so
+  frozen features do not drift.
 * **Warm start** (``finetune.init: best_head``): the head starts from the
   cached-feature head of the same backbone with the best *validation*
   accuracy (``models/heads/<backbone>/<head>/metrics.json``; test figures are
