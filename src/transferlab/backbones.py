@@ -462,8 +462,10 @@ def _is_frozen(module: nn.Module) -> bool:
     return not any(param.requires_grad for param in module.parameters())
 
 
-def _frozen_batchnorms(module: nn.Module) -> Iterator[_BatchNorm]:
-    return (m for m in module.modules() if isinstance(m, _BatchNorm) and _is_frozen(m))
+def _runs_as_inference(module: nn.Module) -> bool:
+    # Parameterless layers (ReLU, Dropout, DropPath) follow the block they sit in.
+    has_params = next(module.parameters(), None) is not None
+    return (has_params or isinstance(module, _BatchNorm)) and _is_frozen(module)
 
 
 @contextmanager
@@ -476,11 +478,6 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
-
-
-def _fully_frozen(module: nn.Module) -> bool:
-    params = list(module.parameters())
-    return bool(params) and not any(param.requires_grad for param in params)
 
 
 def set_train_mode(target: Backbone | nn.Module, train: bool) -> None:
@@ -498,10 +495,8 @@ def set_train_mode(target: Backbone | nn.Module, train: bool) -> None:
     module = target.module if isinstance(target, Backbone) else target
     module.train(train)
     if train:
-        for sub in [m for m in module.modules() if _fully_frozen(m)]:
+        for sub in [m for m in module.modules() if _runs_as_inference(m)]:
             sub.eval()
-        for batchnorm in _frozen_batchnorms(module):
-            batchnorm.eval()
 
 
 class FrozenBatchNormGuard:
