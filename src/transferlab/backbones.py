@@ -62,6 +62,8 @@ from torchvision import models as tvm
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode, v2
 
+from transferlab.errors import UserError
+
 __all__ = [
     "ALL_BLOCKS",
     "DEFAULT_BACKBONE",
@@ -92,15 +94,15 @@ Block = tuple[str, nn.Module]
 StateDict = dict[str, Tensor]
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """Unknown or unsupported backbone name, or an invalid ``weights`` argument."""
 
 
-class WeightsUnavailableError(OSError):
+class WeightsUnavailableError(UserError, OSError):
     """The weights file can be neither found locally nor downloaded."""
 
 
-class WeightMappingError(ValueError):
+class WeightMappingError(UserError, ValueError):
     """A state dict does not fit the architecture it is loaded into."""
 
 
@@ -1012,3 +1014,27 @@ def load_backbone(name: str, weights: str | None = None, weights_path: str | Pat
     if name.startswith(TIMM_PREFIX):
         return _load_timm(name, weights, path)
     return _load_torchvision(name, weights, path)
+
+
+def _architecture(name: str) -> tuple[nn.Module, _Structure]:
+    """Backbone ``name`` built without weights (random init), and its family structure."""
+    if name in _LITE_VARIANTS:
+        model = timm.create_model(_LITE_VARIANTS[name].timm_arch, pretrained=False)
+        return model, _structure_for_type(type(model), _TIMM_STRUCTURES.values(), name)
+    if name.startswith(TIMM_PREFIX):
+        arch = name.removeprefix(TIMM_PREFIX)
+        structure = _timm_structure(name, arch)
+        return timm.create_model(arch, pretrained=False), structure
+    structure = _torchvision_structure(name)
+    named = _torchvision_weights(name, None)
+    kwargs = dict(structure.build_kwargs, num_classes=len(named.meta["categories"]))
+    if structure.init_flag is not None:
+        kwargs[structure.init_flag] = False  # on the meta device there is nothing to initialise
+    return tvm.get_model(name, weights=None, **kwargs), structure
+
+
+def block_names(name: str) -> list[str]:
+    """Names of backbone ``name``'s blocks, input to output, without reading or allocating any weights."""
+    with torch.device("meta"):  # shapes only: even VGG16's 138M parameters cost nothing
+        model, structure = _architecture(name)
+    return [block for block, _ in structure.blocks(model)]

@@ -1,382 +1,393 @@
-"""Typed, validated views of the sections of ``params.yaml``.
+"""Typed, validated views of ``params.yaml``: the single source of defaults, bounds and messages.
 
-Every stage parses its section before it does any work, so a typo or an
-out-of-range value fails fast with the key and the allowed values named.
+Every section is a pydantic model (``extra="forbid"``, strict types): an
+unknown section or key, a value of the wrong type or out of range fails with
+one line that names the key, the value given and what is allowed, plus the
+closest allowed keys for a typo. :func:`load` validates the whole file,
+sections and cross-section rules together; the ``preflight`` stage runs it
+before every ``dvc repro`` does any work, even when DVC would skip every stage.
+
+YAML note: PyYAML reads ``1e-4`` (no dot) as a string, DVC (YAML 1.2) as a
+number. :func:`read_yaml` reads numbers the way DVC does, so both agree.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-T = TypeVar("T")
+from transferlab.errors import UserError
 
-
-class ParamsError(ValueError):
-    """A params.yaml section has an unknown key or a value outside what is allowed."""
-
-
-def _allowed(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_allowed(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        return f"a list of {_allowed(inner)}"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        keys = ", ".join(f.name for f in dataclasses.fields(tp))
-        return f"a mapping with keys {keys}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` as type ``tp`` or raise ParamsError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ParamsError:
-                continue
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            (inner, *_) = typing.get_args(tp) or (Any,)
-            items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-            return tuple(items) if origin is tuple else items
-    elif origin is dict:
-        if isinstance(value, Mapping):
-            _, vt = typing.get_args(tp) or (Any, Any)
-            return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, Mapping):
-            return parse_section(tp, value, key)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, tp):
-        return value
-    raise ParamsError(f"{key}: got {value!r}; allowed: {_allowed(tp)}")
-
-
-def parse_section(cls: type[T], raw: Mapping[str, Any] | None, section: str) -> T:
-    """Build dataclass ``cls`` from ``raw``, refusing unknown keys and bad values."""
-    raw = {} if raw is None else raw
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{section}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ParamsError(
-            f"{section}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(names)}"
-        )
-    values = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
-    obj = cls(**values)
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        check(section)
-    return obj
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ParamsError(f"{key}: {message}")
-
-
-@dataclass(frozen=True)
-class IngestParams:
-    max_side: int = 512
-    min_per_class: int = 5
-    max_pixels: int = 64_000_000
-    max_file_mb: float = 200.0
-    # accepted file extensions (case-insensitive); None accepts every format Pillow reads
-    extensions: list[str] | None = None
-
-    def validate(self, section: str) -> None:
-        _require(
-            all(e.startswith(".") for e in self.extensions or []),
-            f"{section}.extensions",
-            f"got {self.extensions}; allowed: null or a list like ['.jpg', '.png']",
-        )
-        _require(self.max_side >= 32, f"{section}.max_side", f"got {self.max_side}; allowed: an int >= 32")
-        _require(
-            self.min_per_class >= 1,
-            f"{section}.min_per_class",
-            f"got {self.min_per_class}; allowed: an int >= 1",
-        )
-        _require(self.max_pixels > 0, f"{section}.max_pixels", "allowed: an int > 0")
-        _require(self.max_file_mb > 0, f"{section}.max_file_mb", "allowed: a number > 0")
-
+M = TypeVar("M", bound=BaseModel)
 
 PARTS = ("train", "val", "test")
+# What torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS; a test keeps them
+# equal). One set for `data get`, ingest and predict: kept here so data code never imports torchvision.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SEED_MAX = 2**32 - 1  # numpy's seed range
+CLOSE_MATCHES = 3
+CLOSE_CUTOFF = 0.75  # difflib ratio: catches one or two wrong letters, not unrelated words
 
 
-@dataclass(frozen=True)
-class SplitParams:
-    ratios: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
-    seed: int = 42
-    respect_folders: bool = True
-    # dataset folder -> part; e.g. {val: test} holds a dataset's val folder out for testing
-    folders: dict[str, str] = field(default_factory=dict)
-
-    def validate(self, section: str) -> None:
-        for folder, part in self.folders.items():
-            _require(
-                folder in PARTS and part in PARTS,
-                f"{section}.folders.{folder}",
-                f"got {folder!r}: {part!r}; allowed: keys and values among {', '.join(PARTS)}",
-            )
-        key = f"{section}.ratios"
-        _require(
-            set(self.ratios) == set(PARTS),
-            key,
-            f"got keys {sorted(self.ratios)}; allowed: exactly {', '.join(PARTS)}",
-        )
-        _require(
-            all(0 <= v < 1 for v in self.ratios.values()) and self.ratios["train"] > 0,
-            key,
-            "allowed: each ratio in [0, 1), train > 0",
-        )
-        total = sum(self.ratios.values())
-        _require(abs(total - 1.0) < 1e-6, key, f"ratios sum to {total}; allowed: a sum of 1")
+class ParamsError(UserError, ValueError):
+    """params.yaml has an unknown section or key, or a value outside what is allowed."""
 
 
-@dataclass(frozen=True)
-class DataParams:
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` and ``1E5`` as floats, as YAML 1.2 (and DVC) do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.load(fh, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys refused, no silent type coercion, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _problem(key: str, got: Any, allowed: str) -> ValueError:
+    # raised inside validators; _message prefixes the section's location
+    return ValueError(f"{key}: got {got!r}; allowed: {allowed}")
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+class DataParams(Section):
     """Where ``make demo`` gets ``data/raw`` from when it is absent."""
 
     source: str = "builtin:lfw-faces"
     sha256: str | None = None
 
 
-@dataclass(frozen=True)
-class ExtractParams:
+class IngestParams(Section):
+    max_side: int = Field(384, ge=32)  # shorter side cap in pixels; backbones resize to 224-342
+    min_per_class: int = Field(5, ge=1)
+    max_pixels: int = Field(64_000_000, gt=0)  # decompression-bomb guard
+    max_file_mb: float = Field(200.0, gt=0)
+    # accepted file extensions (case-insensitive); None accepts every format Pillow decodes
+    extensions: list[str] | None = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+
+    @model_validator(mode="after")
+    def _dotted(self) -> IngestParams:
+        if not all(e.startswith(".") for e in self.extensions or []):
+            raise _problem("extensions", self.extensions, "null or a list like ['.jpg', '.png']")
+        return self
+
+    def suffixes(self) -> frozenset[str] | None:
+        """Lower-case accepted suffixes; None: every format Pillow reads."""
+        return None if self.extensions is None else frozenset(e.lower() for e in self.extensions)
+
+
+class SplitParams(Section):
+    ratios: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    seed: int = Field(42, ge=0, le=SEED_MAX)
+    respect_folders: bool = True
+    # dataset folder -> part; e.g. {val: test} holds a dataset's val folder out for testing
+    folders: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _parts(self) -> SplitParams:
+        for folder, part in self.folders.items():
+            if folder not in PARTS or part not in PARTS:
+                raise _problem(f"folders.{folder}", part, f"keys and values among {', '.join(PARTS)}")
+        if set(self.ratios) != set(PARTS):
+            raise _problem("ratios", sorted(self.ratios), f"exactly the keys {', '.join(PARTS)}")
+        if not (all(0 <= v < 1 for v in self.ratios.values()) and self.ratios["train"] > 0):
+            raise _problem("ratios", self.ratios, "each ratio in [0, 1), train > 0")
+        total = sum(self.ratios.values())
+        if abs(total - 1.0) > 1e-6:
+            raise _problem("ratios", self.ratios, f"ratios that sum to 1 (these sum to {total:g})")
+        return self
+
+
+class ExtractParams(Section):
     """Which frozen backbones to run, and how."""
 
-    backbones: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    backbones: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"], min_length=1)
     # per-backbone weights enum name, e.g. {resnet18: ResNet18_Weights.IMAGENET1K_V1}
-    weights: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, str] = Field(default_factory=dict)
     # per-backbone local state dict, for machines without internet
-    weights_path: dict[str, str] = field(default_factory=dict)
-    batch_size: int = 32
+    weights_path: dict[str, str] = Field(default_factory=dict)
+    batch_size: int = Field(32, ge=1)
     keep_maps: bool = True
 
-    def validate(self, section: str) -> None:
-        _require(bool(self.backbones), f"{section}.backbones", "allowed: a non-empty list of backbone names")
-        _require(
-            len(set(self.backbones)) == len(self.backbones), f"{section}.backbones", "names must be unique"
-        )
+    @model_validator(mode="after")
+    def _names(self) -> ExtractParams:
+        if len(set(self.backbones)) != len(self.backbones):
+            raise _problem("backbones", self.backbones, "unique names")
         for key in ("weights", "weights_path"):
             extra = sorted(set(getattr(self, key)) - set(self.backbones))
-            _require(not extra, f"{section}.{key}", f"names {extra} are not in {section}.backbones")
-        _require(self.batch_size >= 1, f"{section}.batch_size", "allowed: an int >= 1")
+            if extra:
+                raise _problem(key, getattr(self, key), f"keys among extract.backbones {self.backbones}")
+        return self
 
 
 ClassWeight = Literal[None, "balanced"]
 
 
-@dataclass(frozen=True)
-class TorchHeadParams:
+class TorchHeadParams(Section):
     """What every torch head trained on cached maps shares."""
 
-    dropout: float = 0.0
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    max_epochs: int = 100
-    batch_size: int = 64
-    patience: int = 10
+    dropout: float = Field(0.0, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(10, ge=1)
     class_weight: ClassWeight = None
-    random_state: int = 0
-
-    def validate(self, section: str) -> None:
-        _require(0 <= self.dropout < 1, f"{section}.dropout", f"got {self.dropout}; allowed: 0 <= dropout < 1")
-        _require(0 < self.lr <= 1, f"{section}.lr", f"got {self.lr}; allowed: 0 < lr <= 1")
-        _require(self.weight_decay >= 0, f"{section}.weight_decay", f"got {self.weight_decay}; allowed: a number >= 0")
-        for name in ("max_epochs", "batch_size", "patience"):
-            value = getattr(self, name)
-            _require(value >= 1, f"{section}.{name}", f"got {value}; allowed: an int >= 1")
+    random_state: int = Field(0, ge=0, le=SEED_MAX)
 
 
-@dataclass(frozen=True)
 class LinearHeadParams(TorchHeadParams):
     """Flatten -> Dense(hidden, ReLU) -> Dropout -> Dense; hidden 0 = one linear layer."""
 
-    dropout: float = 0.5
-    lr: float = 3e-5  # thousands of flattened inputs: a small step, or it overfits in one epoch
-    max_epochs: int = 50
-    hidden: int = 256
-
-    def validate(self, section: str) -> None:
-        _require(self.hidden >= 0, f"{section}.hidden", "allowed: an int >= 0 (0 = a single linear layer)")
-        super().validate(section)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    lr: float = Field(3e-5, gt=0, le=1)  # thousands of flattened inputs: a small step, or it overfits at once
+    max_epochs: int = Field(50, ge=1)
+    hidden: int = Field(256, ge=0)
 
 
-@dataclass(frozen=True)
 class GapHeadParams(TorchHeadParams):
     """Global average pooling -> Dropout -> Dense."""
 
 
-@dataclass(frozen=True)
-class SvmHeadParams:
+class SvmHeadParams(Section):
     """Standardized pooled vectors -> LinearSVC; C_grid chooses C by CV on train."""
 
-    C: float = 1.0
-    C_grid: list[float] | None = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
-    cv: int = 5
+    C: float = Field(1.0, gt=0)
+    C_grid: list[float] | None = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    cv: int = Field(5, ge=2)
     class_weight: ClassWeight = None
-    max_iter: int = 5000
+    max_iter: int = Field(5000, ge=1)
     calibrate: bool = True
-    random_state: int = 0
+    random_state: int = Field(0, ge=0, le=SEED_MAX)
 
-    def validate(self, section: str) -> None:
-        _require(self.C > 0, f"{section}.C", f"got {self.C}; allowed: a number > 0")
-        _require(all(c > 0 for c in self.C_grid or []), f"{section}.C_grid", "allowed: numbers > 0")
-        _require(self.cv >= 2, f"{section}.cv", "allowed: an int >= 2")
-        _require(self.max_iter >= 1, f"{section}.max_iter", "allowed: an int >= 1")
+    @model_validator(mode="after")
+    def _grid(self) -> SvmHeadParams:
+        if self.C_grid is not None and (not self.C_grid or any(c <= 0 for c in self.C_grid)):
+            raise _problem("C_grid", self.C_grid, "null (use C) or a non-empty list of numbers > 0")
+        return self
+
+    def check_folds(self, class_counts: Mapping[str, int], key: str) -> None:
+        """Stratified ``cv`` folds need at least ``cv`` training images in every class."""
+        if self.C_grid is None and not self.calibrate:
+            return  # no cross-validation at all
+        label, fewest = min(class_counts.items(), key=lambda item: (item[1], item[0]))
+        if self.cv > fewest:
+            raise ParamsError(f"{key}.cv: got {self.cv}; allowed: 2 to {fewest}, the train images of the "
+                              f"smallest class ({label!r}): stratified folds need one image of each class")
 
 
 HEADS = ("linear", "gap", "svm")
 
 
-@dataclass(frozen=True)
-class TrainHeadParams:
-    linear: LinearHeadParams = field(default_factory=LinearHeadParams)
-    gap: GapHeadParams = field(default_factory=GapHeadParams)
-    svm: SvmHeadParams = field(default_factory=SvmHeadParams)
+class TrainHeadParams(Section):
+    linear: LinearHeadParams = Field(default_factory=LinearHeadParams)
+    gap: GapHeadParams = Field(default_factory=GapHeadParams)
+    svm: SvmHeadParams = Field(default_factory=SvmHeadParams)
 
     def head(self, kind: str) -> Any:
-        _require(kind in HEADS, "train_head", f"unknown head {kind!r}; allowed: {', '.join(HEADS)}")
+        if kind not in HEADS:
+            raise ParamsError(f"train_head: unknown head {kind!r}; allowed: {', '.join(HEADS)}")
         return getattr(self, kind)
 
 
-@dataclass(frozen=True)
-class AugmentParams:
+class AugmentParams(Section):
     """Training-time augmentation for fine-tuning (eval uses the deterministic transform)."""
 
     random_resized_crop: bool = True
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    scale: list[float] = Field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
 
-    def validate(self, section: str) -> None:
-        lo, hi = (self.scale + [0.0, 0.0])[:2]
-        _require(
-            len(self.scale) == 2 and 0 < lo <= hi <= 1,
-            f"{section}.scale",
-            f"got {self.scale}; allowed: [min, max] with 0 < min <= max <= 1",
-        )
+    @model_validator(mode="after")
+    def _scale(self) -> AugmentParams:
+        if not (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1):
+            raise _problem("scale", self.scale, "[min, max] with 0 < min <= max <= 1")
+        return self
 
 
-@dataclass(frozen=True)
-class FinetuneParams:
+STRATEGIES = ("head_only", "last_blocks", "full")
+
+
+class FinetuneParams(Section):
     """Fine-tune a pretrained backbone with a new (or warm-started) head."""
 
-    backbones: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    backbones: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"], min_length=1)
     strategy: Literal["head_only", "last_blocks", "full"] = "last_blocks"
-    last_blocks: int = 2  # used by strategy last_blocks: the top N named blocks train
+    last_blocks: int = Field(2, ge=1)  # strategy last_blocks: the top N named blocks train
     init: Literal["new", "best_head"] = "new"
-    dropout: float = 0.2
-    lr: float = 1e-3  # the head's learning rate
-    backbone_lr_factor: float = 0.1  # backbone lr = lr * factor: small, to keep what it knows
+    dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0, le=1)  # the head's learning rate
+    # backbone lr = lr * factor: small, or fine-tuning destroys what the backbone knows
+    backbone_lr_factor: float = Field(0.1, gt=0, le=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 1
-    max_epochs: int = 10
-    patience: int = 3
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    max_epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     class_weight: ClassWeight = None
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    seed: int = 0
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
-    def validate(self, section: str) -> None:
-        _require(bool(self.backbones), f"{section}.backbones", "allowed: a non-empty list of backbone names")
-        _require(self.last_blocks >= 1, f"{section}.last_blocks", "allowed: an int >= 1")
-        _require(0 <= self.dropout < 1, f"{section}.dropout", "allowed: 0 <= dropout < 1")
-        _require(0 < self.lr <= 1, f"{section}.lr", f"got {self.lr}; allowed: 0 < lr <= 1")
-        _require(
-            0 < self.backbone_lr_factor <= 1,
-            f"{section}.backbone_lr_factor",
-            f"got {self.backbone_lr_factor}; allowed: 0 < factor <= 1 (fine-tuning needs a small backbone lr)",
-        )
-        _require(0 <= self.momentum < 1, f"{section}.momentum", "allowed: 0 <= momentum < 1")
-        _require(self.weight_decay >= 0, f"{section}.weight_decay", "allowed: a number >= 0")
-        _require(
-            0 <= self.warmup_epochs < self.max_epochs,
-            f"{section}.warmup_epochs",
-            f"got {self.warmup_epochs}; allowed: 0 <= warmup_epochs < max_epochs ({self.max_epochs})",
-        )
-        for name in ("max_epochs", "patience", "batch_size"):
-            value = getattr(self, name)
-            _require(value >= 1, f"{section}.{name}", f"got {value}; allowed: an int >= 1")
+    @model_validator(mode="after")
+    def _warmup(self) -> FinetuneParams:
+        if self.warmup_epochs >= self.max_epochs:
+            raise _problem("warmup_epochs", self.warmup_epochs, f"0 to max_epochs - 1 ({self.max_epochs - 1})")
+        return self
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(Section):
     """Test-split evaluation; the champion is chosen on validation figures only."""
 
-    n_boot: int = 2000  # bootstrap resamples for the accuracy interval
-    ci: float = 0.95
-    seed: int = 0
-    ece_bins: int = 15
+    n_boot: int = Field(2000, ge=100)  # bootstrap resamples for the accuracy interval
+    ci: float = Field(0.95, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    ece_bins: int = Field(15, ge=2)
     select_by: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    registered_model: str = "transferlab"
-
-    def validate(self, section: str) -> None:
-        _require(self.n_boot >= 100, f"{section}.n_boot", "allowed: an int >= 100")
-        _require(0 < self.ci < 1, f"{section}.ci", f"got {self.ci}; allowed: 0 < ci < 1")
-        _require(self.ece_bins >= 2, f"{section}.ece_bins", "allowed: an int >= 2")
-        _require(bool(self.registered_model.strip()), f"{section}.registered_model", "allowed: a non-empty name")
+    registered_model: str = Field("transferlab", min_length=1, pattern=r"\S")
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataParams,
-    "ingest": IngestParams,
-    "split": SplitParams,
-    "extract": ExtractParams,
-    "train_head": TrainHeadParams,
-    "finetune": FinetuneParams,
-    "evaluate": EvaluateParams,
+class Params(Section):
+    """The whole params.yaml: every section, and the rules that span sections."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    extract: ExtractParams = Field(default_factory=ExtractParams)
+    train_head: TrainHeadParams = Field(default_factory=TrainHeadParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @model_validator(mode="after")
+    def _across(self) -> Params:
+        outside = [b for b in self.finetune.backbones if b not in self.extract.backbones]
+        if outside:
+            # finetune reads that backbone's cached-feature heads (init, comparison); they come from extract
+            raise _problem("finetune.backbones", self.finetune.backbones,
+                           f"names among extract.backbones {self.extract.backbones}; add {outside} there too")
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: info.annotation for name, info in Params.model_fields.items()  # type: ignore[misc]
 }
 
 
+# ------------------------------------------------------------------------------------ messages
+
+
+def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class found by following field names ``loc`` from ``cls``."""
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return cls
+
+
+_ALLOWED = {
+    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+    "model_attributes_type": "a mapping", "missing": "a value (the key is required)",
+}
+
+
+def _allowed(err: Mapping[str, Any], field_type: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        (limit,) = ctx.values()
+        return f"{'an integer' if field_type is int else 'a number'} {bounds[kind]} {limit}"
+    if kind == "literal_error":
+        return f"one of {ctx['expected']}"
+    if kind in ("too_short", "too_long"):
+        return f"{ctx.get('min_length', 1)} or more items" if kind == "too_short" else f"at most {ctx['max_length']} items"
+    if kind == "string_pattern_mismatch":
+        return "a non-empty string"
+    return _ALLOWED.get(kind, err["msg"])
+
+
+def _message(err: Mapping[str, Any], root: type[BaseModel], prefix: tuple[str, ...]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    where = ".".join((*prefix, *loc))
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(root, loc[:-1])
+        allowed = list(parent.model_fields) if parent is not None else []
+        what = "section" if not (*prefix, *loc[:-1]) else "key"
+        close = difflib.get_close_matches(loc[-1], allowed, n=CLOSE_MATCHES, cutoff=CLOSE_CUTOFF)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return f"unknown {what} {where!r}; {hint}allowed: {', '.join(allowed)}"
+    if err["type"] == "value_error":
+        detail = str(err["ctx"]["error"])
+        return f"{where}.{detail}" if where else detail
+    parent = _model_at(root, loc[:-1])
+    field = parent.model_fields.get(loc[-1]) if parent is not None and loc else None
+    return f"{where}: got {err.get('input')!r}; allowed: {_allowed(err, field and field.annotation)}"
+
+
+def parse(cls: type[M], raw: Any, prefix: str = "") -> M:
+    """Validate ``raw`` as ``cls``; raise ParamsError with one readable line per problem."""
+    raw = {} if raw is None else raw
+    prefix_parts = tuple(p for p in prefix.split(".") if p)
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{prefix or 'params.yaml'}: got {raw!r}; allowed: a mapping")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError("; ".join(_message(e, cls, prefix_parts) for e in err.errors())) from None
+
+
+def parse_section(cls: type[M], raw: Any, section: str) -> M:
+    return parse(cls, raw, section)
+
+
+# ------------------------------------------------------------------------------------ files
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
+    """The raw mapping of a params file (numbers read as DVC reads them)."""
+    try:
+        raw = read_yaml(path) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found: run from the project root, where params.yaml is") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping at the top level")
+        raise ParamsError(f"{path}: got {type(raw).__name__} at the top level; allowed: a mapping of sections")
     return raw
 
 
+def load(path: str | Path = "params.yaml") -> Params:
+    """The whole params file, every section and the cross-section rules validated."""
+    return parse(Params, load_params(path))
+
+
 def section(name: str, path: str | Path = "params.yaml") -> Any:
-    """Parse one named section of ``params.yaml`` into its dataclass."""
+    """One validated section of ``params.yaml`` (the whole file is validated with it)."""
     if name not in SECTIONS:
         raise ParamsError(f"unknown section {name!r}; allowed: {', '.join(SECTIONS)}")
-    return parse_section(SECTIONS[name], load_params(path).get(name), name)
+    return getattr(load(path), name)
 
 
-def as_dict(params: Any) -> dict[str, Any]:
-    return dataclasses.asdict(params)
+def as_dict(params: BaseModel) -> dict[str, Any]:
+    return params.model_dump()

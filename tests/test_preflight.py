@@ -1,0 +1,66 @@
+"""The preflight stage: the whole params.yaml, the dataset and the store checked before any work."""
+
+from pathlib import Path
+
+import pytest
+
+from transferlab import preflight
+from transferlab.config import ParamsError
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "data" / "raw" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "a" / "x.png").write_bytes(b"")
+    return tmp_path
+
+
+def _run(project: Path, text: str) -> Path:
+    (project / "params.yaml").write_text(text, encoding="utf-8")
+    out = project / "data" / "preflight.ok"
+    preflight.run(project / "params.yaml", project / "data" / "raw", out, cache=project / "blocks.json")
+    return out
+
+
+def test_valid_params_write_the_marker(project: Path) -> None:
+    out = _run(project, "finetune: {last_blocks: 2}\n")
+    assert out.read_text() == preflight.OK_TEXT
+
+
+def test_last_blocks_beyond_the_backbone_names_its_blocks(project: Path) -> None:
+    with pytest.raises(ParamsError, match=r"finetune\.last_blocks: got 50; allowed: 1 to \d+, the blocks of "
+                                          r"efficientnet_lite0 \(stem, blocks\.0"):
+        _run(project, "finetune: {last_blocks: 50}\n")
+    assert not (project / "data" / "preflight.ok").exists()
+    # the block layout is cached for the next run, keyed by library versions
+    assert "efficientnet_lite0" in (project / "blocks.json").read_text()
+
+
+def test_unknown_backbone_refused_before_ingest(project: Path) -> None:
+    with pytest.raises(Exception, match="nosuchnet"):
+        _run(project, "extract: {backbones: [nosuchnet]}\nfinetune: {backbones: [nosuchnet]}\n")
+
+
+def test_missing_dataset_says_how_to_get_it(project: Path) -> None:
+    import shutil
+
+    shutil.rmtree(project / "data" / "raw")
+    with pytest.raises(preflight.DataMissingError, match="transferlab data get"):
+        _run(project, "{}\n")
+    (project / "data" / "raw.dvc").write_text("outs: []\n")
+    with pytest.raises(preflight.DataMissingError, match="dvc pull"):
+        _run(project, "{}\n")
+
+
+def test_missing_dataset_in_an_experiment_workspace_explains_tracking(
+    project: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    shutil.rmtree(project / "data" / "raw")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path_factory.mktemp("main-project")))
+    with pytest.raises(preflight.DataMissingError, match="queued and --temp experiments.*dvc add"):
+        _run(project, "{}\n")
