@@ -6,7 +6,7 @@ def execution(i: int, strategy: str, exp: str | None = None, acc: float = 0.9) -
     tags = {TAG_EXP_NAME: exp} if exp else {}
     figs = {"m-finetune": {"accuracy": acc, "accuracy_ci_low": acc - 0.05, "accuracy_ci_high": acc + 0.03,
                            "macro_f1": acc, "log_loss": 0.2}}
-    return Execution(f"r{i}", f"pipeline {i}", i, tags, {"finetune.strategy": strategy, "split.seed": "42"}, figs)
+    return Execution(f"r{i}", f"pipeline {i}", tags, {"finetune.strategy": strategy, "split.seed": "42"}, figs)
 
 
 def test_default_is_latest_plus_baseline_when_it_is_an_experiment() -> None:

@@ -91,3 +91,93 @@ def test_execution_key_follows_dvc_invoker(tmp_path: Path, monkeypatch: pytest.M
     assert first[0] == first[1]
     assert second[0] == second[1]
     assert first[0] != second[0]
+
+
+def test_store_is_the_projects_from_dvc_root_or_git_common_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queued and --temp experiments run in a workspace DVC deletes: they must log to the project's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project, workspace = tmp_path / "project", tmp_path / "exps" / "tmp123"
+    workspace.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    assert tracking.project_root(workspace) == project.resolve()
+
+    monkeypatch.delenv("DVC_ROOT")
+    main = tmp_path / "main"
+    main.mkdir()
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=main, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=main, check=True)
+    subprocess.run([*git, "worktree", "add", "-q", str(tmp_path / "wt")], cwd=main, check=True)
+    (main / "sub").mkdir()
+    assert tracking.project_root(tmp_path / "wt") == main.resolve()
+    assert tracking.project_root(main / "sub") == main.resolve()
+    assert tracking.tracking_uri(tmp_path / "wt").endswith(f"{main.resolve().as_posix()}/mlruns/mlflow.db")
+
+
+def test_unreachable_server_fails_fast_with_one_line_naming_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    uri = "http://127.0.0.1:9"  # discard port: nothing listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in tracking.store.HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.open_store(tmp_path)
+    assert time.monotonic() - start < 30
+    message = str(err.value)
+    assert uri in message and "\n" not in message
+    # the caps were applied only because the user set nothing
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.store.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+def test_user_retry_settings_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
+    tracking.store.cap_http_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
+
+
+def test_killed_stage_run_and_parent_are_marked_killed(store: Path) -> None:
+    """A stage SIGKILLed mid-run leaves RUNNING runs; the next stage marks them KILLED."""
+    code = (
+        "import os, signal, pathlib; from transferlab import tracking\n"
+        "with tracking.stage_run('extract', {}, pathlib.Path('r.json'), root='.'):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "TRANSFERLAB_EXECUTION": "exec-killed"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=store, env=env, capture_output=True)
+    assert done.returncode == -9
+    c, exp = tracking.client(store), tracking.experiment_id(store)
+    (orphan,) = c.search_runs([exp], filter_string="tags.`transferlab.stage` = 'extract'")
+    assert orphan.info.status == "RUNNING"
+
+    with tracking.stage_run("extract", {}, store / "r.json", root=store):
+        pass
+    assert c.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert c.get_run(orphan.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    assert not (store / "r.json").exists() or json.loads((store / "r.json").read_text())["run_id"] != orphan.info.run_id
+
+
+def test_live_stage_runs_are_not_marked(store: Path) -> None:
+    """A stage still running in another process (a parallel queued experiment) is left alone."""
+    code = (
+        "import sys, pathlib; from transferlab import tracking\n"
+        "with tracking.stage_run('extract', {}, pathlib.Path('r.json'), root='.') as run:\n"
+        "    print(run.run_id, flush=True); sys.stdin.readline()\n"
+    )
+    env = {**os.environ, "TRANSFERLAB_EXECUTION": "exec-live"}
+    live = subprocess.Popen([sys.executable, "-c", code], cwd=store, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert live.stdout is not None
+        run_id = live.stdout.readline().strip()
+        with tracking.stage_run("train_head", {}, store / "b.json", root=store):
+            pass
+        assert tracking.client(store).get_run(run_id).info.status == "RUNNING"
+    finally:
+        live.communicate("\n", timeout=60)
+    assert tracking.client(store).get_run(run_id).info.status == "FINISHED"
