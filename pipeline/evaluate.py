@@ -1,53 +1,67 @@
-"""Stage evaluate: every trained model on the test split, side by side.
+"""Stage evaluate: every trained model on the test split, side by side; the champion into the registry.
 
 Outputs: reports/{metrics.json, comparison.csv, comparison.md, confusion/,
 confusion_png/, roc/, run.json} and the champion predictor models/champion/.
+The champion is registered last, once every figure and file is written, so a
+failed evaluate never leaves a registered version behind.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pandas as pd
 
-from transferlab import config, tracking
+from transferlab import config, paths, tracking
 from transferlab.config import HEADS
+from transferlab.errors import exit_on_user_error
 from transferlab.evaluation import (
-    backbone_gflops, build_predictor, champion, figures, find_models, metric_summary, score, write_reports,
+    backbone_gflops, build_predictor, champion, figures, find_models, metric_summary, missing_outputs, score,
+    write_reports,
 )
 from transferlab.features import read_manifest
 
-SPLIT, IMAGES, FEATURES = Path("data/split.csv"), Path("data/prepared"), Path("data/features")
-HEADS_DIR, FINETUNE_DIR = Path("models/heads"), Path("models/finetune")
-REPORTS, CHAMPION = Path("reports"), Path("models/champion")
 
-
-def main() -> None:
-    params, extract = config.section("evaluate"), config.section("extract")
-    finetune = config.section("finetune")
-    with tracking.stage_run("evaluate", config.as_dict(params), REPORTS / "run.json") as run:
-        refs = find_models(HEADS_DIR, FINETUNE_DIR, extract.backbones, list(HEADS), finetune.backbones)
-        split = pd.read_csv(SPLIT, dtype={"label": str}, keep_default_na=False)
-        scored = [score(ref, FEATURES, split, IMAGES, extract.batch_size) for ref in refs]
-        gflops = {b: backbone_gflops(b, read_manifest(FEATURES / b)["transform"]["crop_size"])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", type=Path, default=paths.SPLIT, help=f"default: {paths.SPLIT}")
+    parser.add_argument("--images", type=Path, default=paths.PREPARED, help=f"default: {paths.PREPARED}")
+    parser.add_argument("--features", type=Path, default=paths.FEATURES, help=f"default: {paths.FEATURES}")
+    parser.add_argument("--models", type=Path, default=paths.MODELS, help=f"default: {paths.MODELS}")
+    parser.add_argument("--reports", type=Path, default=paths.REPORTS, help=f"default: {paths.REPORTS}")
+    args = parser.parse_args(argv)
+    all_params = config.load(paths.PARAMS)
+    params, extract, finetune = all_params.evaluate, all_params.extract, all_params.finetune
+    heads_dir, champion_dir = args.models / paths.HEADS.name, args.models / paths.CHAMPION.name
+    store = tracking.open_store()
+    with tracking.stage_run("evaluate", config.as_dict(params), args.reports / paths.RUN_RECORD, store=store) as run:
+        refs = find_models(heads_dir, args.models / paths.FINETUNE.name, extract.backbones, list(HEADS),
+                           finetune.backbones)
+        split = pd.read_csv(args.split, dtype={"label": str}, keep_default_na=False)
+        scored = [score(ref, args.features, split, args.images, extract.batch_size) for ref in refs]
+        gflops = {b: backbone_gflops(b, read_manifest(args.features / b)["transform"]["crop_size"])
                   for b in extract.backbones}
         results = [figures(s, params, gflops[s.ref.backbone]) for s in scored]
-        write_reports(scored, results, REPORTS)
+        write_reports(scored, results, args.reports)
         for s, result in zip(scored, results):
-            tracking.link_test_figures(run, s.ref.path / "run.json", s.ref.name, metric_summary(result))
+            tracking.link_test_figures(run, s.ref.path / paths.RUN_RECORD, s.ref.name, metric_summary(result))
         best = champion(results, params)
         ref = next(r for r in refs if r.name == best["model"])
-        build_predictor(ref, extract.weights.get(ref.backbone), extract.weights_path.get(ref.backbone), CHAMPION,
-                        config.section("ingest"))
-        example = IMAGES / split.loc[split["part"] == "test", "path"].iloc[0]
-        version = tracking.log_champion(run, CHAMPION, params.registered_model, example)
-        run.log_artifact(REPORTS / "comparison.md")
-        run.log_artifact(REPORTS / "metrics.json")
-        run.log_artifact(REPORTS / "confusion_png", "confusion")
-        print((REPORTS / "comparison.md").read_text())
+        build_predictor(ref, extract.weights.get(ref.backbone), extract.weights_path.get(ref.backbone), champion_dir,
+                        all_params.ingest)
+        missing = missing_outputs(args.reports, champion_dir)
+        if missing:
+            raise RuntimeError(f"evaluate did not write {', '.join(map(str, missing))}; no champion registered")
+        run.log_artifact(args.reports / paths.REPORT_COMPARISON_MD)
+        run.log_artifact(args.reports / paths.REPORT_METRICS)
+        run.log_artifact(args.reports / paths.REPORT_CONFUSION_PNG, "confusion")
+        example = args.images / split.loc[split["part"] == "test", "path"].iloc[0]
+        version = tracking.log_champion(run, champion_dir, params.registered_model, example)
+        print((args.reports / paths.REPORT_COMPARISON_MD).read_text())
         print(f"champion (by {params.select_by}): {best['model']} -> models:/{params.registered_model}@champion"
               f" (version {version})")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error("evaluate", main)

@@ -6,27 +6,34 @@ record data/features/<backbone>.run.json.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
-from transferlab import config, tracking
+from transferlab import config, paths, tracking
 from transferlab.backbones import load_backbone
+from transferlab.config import ParamsError
+from transferlab.errors import exit_on_user_error
 from transferlab.features import extract
 
-SPLIT = Path("data/split.csv")
-IMAGES = Path("data/prepared")
-FEATURES = Path("data/features")
 
-
-def main(name: str) -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backbone", help="a name in extract.backbones")
+    parser.add_argument("--split", type=Path, default=paths.SPLIT, help=f"default: {paths.SPLIT}")
+    parser.add_argument("--images", type=Path, default=paths.PREPARED, help=f"default: {paths.PREPARED}")
+    parser.add_argument("--out", type=Path, help="feature store (default: data/features/<backbone>)")
+    args = parser.parse_args(argv)
+    name = args.backbone
     params = config.section("extract")
     if name not in params.backbones:
-        raise SystemExit(f"extract: {name!r} is not in extract.backbones {params.backbones}")
+        raise ParamsError(f"extract: {name!r} is not in extract.backbones {params.backbones}")
+    out = args.out or paths.features(name)
+    store = tracking.open_store()
     backbone = load_backbone(name, params.weights.get(name), params.weights_path.get(name))
     logged = {"backbone": name, "weights": backbone.weights_id, "batch_size": params.batch_size,
               "keep_maps": params.keep_maps}
-    with tracking.stage_run(f"extract@{name}", logged, FEATURES / f"{name}.run.json") as run:
-        manifest = extract(backbone, SPLIT, IMAGES, FEATURES / name, params.batch_size, params.keep_maps)
+    with tracking.stage_run(f"extract@{name}", logged, out.with_name(f"{out.name}.run.json"), store=store) as run:
+        manifest = extract(backbone, args.split, args.images, out, params.batch_size, params.keep_maps)
         counts = manifest["param_counts"]
         run.log_metrics({"images_forwarded": manifest["images_forwarded"],
                          "params_total": counts["total"], "params_frozen": counts["frozen"]})
@@ -35,4 +42,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    exit_on_user_error("extract", main)

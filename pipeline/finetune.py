@@ -7,30 +7,35 @@ checkpoint.pt (persisted between runs, so a killed run resumes after its last ep
 
 from __future__ import annotations
 
-import dataclasses
-import sys
+import argparse
 from pathlib import Path
 
-from transferlab import config, tracking
+from transferlab import config, paths, tracking
+from transferlab.config import ParamsError
+from transferlab.errors import exit_on_user_error
 from transferlab.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
 
-SPLIT = Path("data/split.csv")
-IMAGES = Path("data/prepared")
-HEADS = Path("models/heads")
-MODELS = Path("models/finetune")
 
-
-def main(name: str) -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backbone", help="a name in finetune.backbones")
+    parser.add_argument("--split", type=Path, default=paths.SPLIT, help=f"default: {paths.SPLIT}")
+    parser.add_argument("--images", type=Path, default=paths.PREPARED, help=f"default: {paths.PREPARED}")
+    parser.add_argument("--heads", type=Path, help="cached-feature heads, for init: best_head "
+                                                  "(default: models/heads/<backbone>)")
+    parser.add_argument("--out", type=Path, help="default: models/finetune/<backbone>")
+    args = parser.parse_args(argv)
+    name = args.backbone
     params = config.section("finetune")
     extract = config.section("extract")
     if name not in params.backbones:
-        raise SystemExit(f"finetune: {name!r} is not in finetune.backbones {params.backbones}")
-    out = MODELS / name
-    job = FinetuneJob(name, params, SPLIT, IMAGES, out, extract.weights.get(name), extract.weights_path.get(name),
-                      HEADS / name)
-    logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path,
-              **dataclasses.asdict(params)}
-    with tracking.stage_run(f"finetune@{name}", logged, out / "run.json") as run:
+        raise ParamsError(f"finetune: {name!r} is not in finetune.backbones {params.backbones}")
+    out = args.out or paths.finetune_dir(name)
+    store = tracking.open_store()
+    job = FinetuneJob(name, params, args.split, args.images, out, extract.weights.get(name),
+                      extract.weights_path.get(name), args.heads or paths.HEADS / name)
+    logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path, **params.model_dump()}
+    with tracking.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD, store=store) as run:
         result = finetune(job)
         run.set_tags({"weights_id": result.backbone.weights_id, "resumed_from_epoch": result.resumed_from})
         run.log_history({c: [r[c] for r in result.history] for c in CURVE_COLUMNS if c != "step"}, first_step=1)
@@ -44,4 +49,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    exit_on_user_error("finetune", main)

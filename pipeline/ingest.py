@@ -5,31 +5,33 @@ Outputs: data/prepared/{images/, manifest.csv, report.json, run.json}.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from transferlab import config, tracking
+from transferlab import config, paths, tracking
+from transferlab.errors import exit_on_user_error
 from transferlab.ingest import ingest
 
-RAW = Path("data/raw")
-OUT = Path("data/prepared")
 
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, default=paths.RAW, help=f"the dataset (default: {paths.RAW})")
+    parser.add_argument("--out", type=Path, default=paths.PREPARED, help=f"default: {paths.PREPARED}")
+    args = parser.parse_args(argv)
     params = config.section("ingest")
-    with tracking.stage_run("ingest", config.as_dict(params), OUT / "run.json") as run:
-        report = ingest(RAW, OUT, params, progress=True)
-        run.log_metrics(
-            {
-                "images_seen": report["total"]["seen"],
-                "images_kept": report["total"]["kept"],
-                "images_rejected": report["total"]["rejected"],
-                "duplicate_groups": len(report["duplicates"]),
-                "classes": len(report["counts"]),
-            }
-        )
-        run.log_artifact(OUT / "report.json")
-        run.log_artifact(OUT / "manifest.csv")
+    store = tracking.open_store()
+    with tracking.stage_run("ingest", config.as_dict(params), args.out / paths.RUN_RECORD, store=store) as run:
+        report = ingest(args.raw, args.out, params, progress=True)
+        run.log_metrics({
+            "images_seen": report["total"]["seen"],
+            "images_kept": report["total"]["kept"],
+            "images_rejected": report["total"]["rejected"],
+            "duplicate_groups": len(report["duplicates"]),
+            "classes": len(report["counts"]),
+        })
+        run.log_artifact(args.out / "report.json")
+        run.log_artifact(args.out / "manifest.csv")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error("ingest", main)

@@ -6,30 +6,40 @@ sidecar), metrics.json, curve.csv (for `dvc plots`) and run.json.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
+import argparse
 from pathlib import Path
 
-from transferlab import config, tracking
+from transferlab import config, paths, tracking
+from transferlab.config import HEADS, SvmHeadParams
+from transferlab.errors import exit_on_user_error
+from transferlab.features import class_counts
 from transferlab.train import fit_head, write_outputs
 
-FEATURES = Path("data/features")
-MODELS = Path("models/heads")
 
-
-def main(backbone: str, kind: str) -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backbone", help="a name in extract.backbones")
+    parser.add_argument("head", choices=HEADS, help="the head kind")
+    parser.add_argument("--features", type=Path, help="feature store (default: data/features/<backbone>)")
+    parser.add_argument("--out", type=Path, help="default: models/heads/<backbone>/<head>")
+    args = parser.parse_args(argv)
+    backbone, kind = args.backbone, args.head
     params = config.section("train_head").head(kind)
-    out = MODELS / backbone / kind
-    logged = {"backbone": backbone, "head": kind, **dataclasses.asdict(params)}
-    with tracking.stage_run(f"train_head@{backbone}-{kind}", logged, out / "run.json") as run:
-        head, metrics, curve = fit_head(kind, params, FEATURES / backbone)
-        write_outputs(head, metrics, curve, out, out / "metrics.json", out / "curve.csv")
+    features = args.features or paths.features(backbone)
+    out = args.out or paths.head_dir(backbone, kind)
+    if isinstance(params, SvmHeadParams):
+        params.check_folds(class_counts(features, "train"), f"train_head.{kind}")  # before any run is logged
+    store = tracking.open_store()
+    logged = {"backbone": backbone, "head": kind, **params.model_dump()}
+    with tracking.stage_run(f"train_head@{backbone}-{kind}", logged, out / paths.RUN_RECORD, store=store) as run:
+        head, metrics, curve = fit_head(kind, params, features)
+        write_outputs(head, metrics, curve, out, out / paths.METRICS_FILE, out / paths.CURVE_FILE)
         run.log_history({c: curve[c].tolist() for c in curve.columns if c != "step"})
         run.log_metrics(metrics)
-        run.log_artifact(out / "model.safetensors", "model")
-        run.log_artifact(out / "model.safetensors.json", "model")
+        run.log_artifact(out / paths.MODEL_FILE, "model")
+        run.log_artifact(out / f"{paths.MODEL_FILE}.json", "model")
         print(f"train_head@{backbone}-{kind}: val accuracy {metrics['val_accuracy']:.3f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    exit_on_user_error("train_head", main)

@@ -188,7 +188,7 @@ def copy_project(dest: Path, env: dict[str, str]) -> None:
         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
     ).stdout.split("\n")
     for rel in filter(None, listed):
-        if rel == "dvc.lock":  # a local run's record; the copy must start from scratch
+        if rel in ("dvc.lock", "data/raw.dvc"):  # a local run's records; the copy must start from scratch
             continue
         if (PROJECT_ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,7 @@ def without_seconds(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def small_backbone(strategy: str = "last_blocks", last_blocks: int = 1, n_classes: int = 2) -> Backbone:
     backbone = load_backbone(NAME, weights="none")
-    params = dataclasses.replace(FAST, strategy=strategy, last_blocks=last_blocks)
+    params = FAST.model_copy(update=dict(strategy=strategy, last_blocks=last_blocks))
     build_model(backbone, n_classes, params)
     return backbone
 
@@ -203,7 +203,7 @@ def test_training_leaves_frozen_blocks_and_their_statistics_untouched(reference:
 
 def test_param_groups_discriminative_lr_and_no_decay_on_norms_and_biases() -> None:
     backbone = small_backbone("last_blocks", last_blocks=2)
-    params = dataclasses.replace(FAST, lr=0.02, backbone_lr_factor=0.1, weight_decay=0.05)
+    params = FAST.model_copy(update=dict(lr=0.02, backbone_lr_factor=0.1, weight_decay=0.05))
     groups = param_groups(backbone, params.lr, params.backbone_lr_factor, params.weight_decay)
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"head/decay", "head/no_decay", "backbone/decay", "backbone/no_decay"}
@@ -225,7 +225,7 @@ def test_param_groups_discriminative_lr_and_no_decay_on_norms_and_biases() -> No
     assert set(in_optimizer) == ids(p for p in backbone.module.parameters() if p.requires_grad)
     assert isinstance(optimizer, torch.optim.AdamW)
 
-    sgd = make_optimizer(groups, dataclasses.replace(params, optimizer="sgd", momentum=0.9))
+    sgd = make_optimizer(groups, params.model_copy(update=dict(optimizer="sgd", momentum=0.9)))
     assert isinstance(sgd, torch.optim.SGD)
     assert all(g["momentum"] == 0.9 and g["nesterov"] for g in sgd.param_groups)
 
@@ -241,7 +241,7 @@ def test_warmup_then_cosine_schedule(tmp_path: Path) -> None:
     # Through the optimiser: stepped per batch, same factor for both learning rates.
     layer = nn.Linear(2, 2)
     optimizer = torch.optim.SGD([{"params": [layer.weight], "lr": 1.0}, {"params": [layer.bias], "lr": 0.1}])
-    scheduler = make_scheduler(optimizer, dataclasses.replace(FAST, warmup_epochs=1, max_epochs=3), 4)
+    scheduler = make_scheduler(optimizer, FAST.model_copy(update=dict(warmup_epochs=1, max_epochs=3)), 4)
     seen = []
     for _ in range(12):
         seen.append([g["lr"] for g in optimizer.param_groups])
@@ -259,7 +259,7 @@ def test_warmup_then_cosine_schedule(tmp_path: Path) -> None:
 def test_balanced_class_weights() -> None:
     data = SplitData(["a", "b"], [(Path("x"), 0)] * 3 + [(Path("y"), 1)], [(Path("z"), 0)], "0")
     assert class_weights(data, FAST) is None
-    weights = class_weights(data, dataclasses.replace(FAST, class_weight="balanced"))
+    weights = class_weights(data, FAST.model_copy(update=dict(class_weight="balanced")))
     assert torch.allclose(weights, torch.tensor([4 / (2 * 3), 4 / (2 * 1)]))
 
 
@@ -358,13 +358,13 @@ def test_checkpoint_with_other_settings_starts_fresh(reference: FinetuneResult, 
     shutil.copytree(project / "reference", out)
     said: list[str] = []
     epochs: list[int] = []
-    params = dataclasses.replace(FAST, lr=0.005, max_epochs=2)
+    params = FAST.model_copy(update=dict(lr=0.005, max_epochs=2))
     finetune(job(project, "changed", params), echo=said.append, on_epoch_end=lambda r: epochs.append(r["epoch"]))
     assert epochs == [1, 2]
     message = next(s for s in said if "different settings" in s)
     assert "params.lr: 0.01 -> 0.005" in message
     # Adding another backbone to finetune.backbones is not a different setting.
-    more = dataclasses.replace(params, backbones=[NAME, LITE])
+    more = params.model_copy(update=dict(backbones=[NAME, LITE]))
     said.clear()
     finetune(job(project, "changed", more), echo=said.append)
     assert any("training finished" in s for s in said)
@@ -426,7 +426,7 @@ def warm_model(lite: Backbone, heads_dir: Path) -> tuple[nn.Module, list[str]]:
     said: list[str] = []
     warm = choose_warm_start(heads_dir, ["blue", "red"], lite.num_features, said.append)
     backbone = load_backbone(LITE)
-    model = build_model(backbone, 2, dataclasses.replace(FAST, init="best_head"), warm)
+    model = build_model(backbone, 2, FAST.model_copy(update=dict(init="best_head")), warm)
     return model.eval(), said
 
 

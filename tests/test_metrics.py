@@ -205,7 +205,9 @@ def test_roc_for_two_classes_is_json_safe():
     assert "Infinity" not in text and "NaN" not in text
     positive = np.array(y_true) == "pos"
     assert result["roc_auc"] == pytest.approx(roc_auc_score(positive, proba[:, 1]))
-    roc = result["roc"]
+    (roc,) = result["roc"]
+    assert roc["name"] == "pos" and roc["kind"] == "class"
+    assert roc["auc"] == pytest.approx(result["roc_auc"])
     assert len(roc["fpr"]) == len(roc["tpr"]) == len(roc["thresholds"]) >= 2
     assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
     assert roc["thresholds"][0] is None  # sklearn's +inf
@@ -218,17 +220,41 @@ def test_roc_positive_class_is_second():
     assert swapped["roc_auc"] == pytest.approx(roc_auc_score(np.array(y_true) == "neg", proba[:, 0]))
 
 
-def test_no_roc_for_more_than_two_classes():
-    proba = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 0.8 + 0.2 / 3
-    result = evaluate_predictions(Y_TRUE, Y_PRED, CLASSES, proba, n_boot=50)
-    assert "roc" not in result and "roc_auc" not in result
+def test_one_vs_rest_roc_and_averages_for_more_than_two_classes():
+    rng = np.random.default_rng(0)
+    y_idx = np.repeat(np.arange(4), 10)
+    logits = rng.normal(size=(40, 4)) + 1.5 * np.eye(4)[y_idx]
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    classes = ["a", "b", "c", "d"]
+    y_true = [classes[i] for i in y_idx]
+    y_pred = [classes[i] for i in proba.argmax(axis=1)]
+    result = evaluate_predictions(y_true, y_pred, classes, proba, n_boot=50)
+    curves = {c["name"]: c for c in result["roc"]}
+    assert set(curves) == {*classes, "micro-average", "macro-average"}
+    onehot = np.eye(4)[y_idx]
+    for k, label in enumerate(classes):
+        assert curves[label]["auc"] == pytest.approx(roc_auc_score(onehot[:, k], proba[:, k]))
+        assert result["per_class"][label]["roc_auc"] == pytest.approx(curves[label]["auc"])
+    assert curves["micro-average"]["auc"] == pytest.approx(roc_auc_score(onehot, proba, average="micro"))
+    macro = roc_auc_score(y_idx, proba, multi_class="ovr", average="macro")
+    assert curves["macro-average"]["auc"] == pytest.approx(macro) == result["roc_auc"]
+    macro_curve = curves["macro-average"]
+    assert macro_curve["fpr"][0] == 0.0 and macro_curve["tpr"][-1] == pytest.approx(1.0)
     json.dumps(result, allow_nan=False)
+
+
+def test_class_absent_from_test_has_no_curve():
+    proba = np.eye(3)[[0, 0, 1, 1, 1, 0]] * 0.8 + 0.2 / 3
+    result = evaluate_predictions(["a", "a", "b", "b", "b", "a"], ["a"] * 6, ["a", "b", "c"], proba, n_boot=50)
+    names = {c["name"] for c in result["roc"]}
+    assert names == {"a", "b", "micro-average", "macro-average"}
+    assert result["per_class"]["c"]["roc_auc"] is None
 
 
 def test_roc_undefined_with_single_true_class():
     proba = np.array([[0.2, 0.8], [0.6, 0.4]])
     result = evaluate_predictions(["pos", "pos"], ["pos", "neg"], ["neg", "pos"], proba, n_boot=10)
-    assert result["roc_auc"] is None and result["roc"] is None
+    assert result["roc_auc"] is None and result["roc"] == []
     json.dumps(result, allow_nan=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ from transferlab import tracking
 
 pytestmark = pytest.mark.slow
 E2E_EPOCHS = 3
+QUEUE_WAIT_S = 900
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -26,6 +28,13 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+PREFLIGHT = "preflight"  # runs on every repro (always_changed), logs no MLflow run, makes nothing stale
+
+
+def work_stages(root: Path, env: dict[str, str]) -> set[str]:
+    return set(run(["dvc", "stage", "list", "--name-only"], root, env).split()) - {PREFLIGHT}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +66,8 @@ def child_names(root: Path, parent_id: str) -> list[str]:
 def test_repro_runs_every_stage_and_logs_one_parent(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
     out = run(["dvc", "repro"], root, env)
-    stages = set(run(["dvc", "stage", "list", "--name-only"], root, env).split())
-    assert ran_stages(out) == stages
+    stages = work_stages(root, env)
+    assert ran_stages(out) == stages | {PREFLIGHT}
     parents = pipeline_runs(root)
     assert len(parents) == 1
     assert child_names(root, parents[0].info.run_id) == sorted(stages)
@@ -87,7 +96,7 @@ def test_each_image_forwarded_once_per_backbone(project: tuple[Path, dict[str, s
 def test_second_repro_skips_everything(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
     out = run(["dvc", "repro"], root, env)
-    assert ran_stages(out) == set()
+    assert ran_stages(out) == {PREFLIGHT}
     assert "didn't change" in out
     assert len(pipeline_runs(root)) == 1
 
@@ -100,11 +109,11 @@ def test_changing_split_seed_reruns_split_and_downstream_only(project: tuple[Pat
     out = run(["dvc", "repro"], root, env)
     ran = ran_stages(out)
     assert "split" in ran and "ingest" not in ran
-    downstream = set(run(["dvc", "stage", "list", "--name-only"], root, env).split()) - {"ingest"}
-    assert ran == downstream
+    downstream = work_stages(root, env) - {"ingest"}
+    assert ran == downstream | {PREFLIGHT}
     parents = pipeline_runs(root)
     assert len(parents) == 2
-    assert child_names(root, parents[1].info.run_id) == sorted(ran)
+    assert child_names(root, parents[1].info.run_id) == sorted(downstream)
 
 
 def test_changing_svm_C_outdates_only_the_svm_heads(project: tuple[Path, dict[str, str]]) -> None:
@@ -114,10 +123,11 @@ def test_changing_svm_C_outdates_only_the_svm_heads(project: tuple[Path, dict[st
     params["train_head"]["svm"]["C"] *= 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dry = ran_stages(run(["dvc", "repro", "--dry"], root, env))
-    svm_stages = {s for s in run(["dvc", "stage", "list", "--name-only"], root, env).split() if s.endswith("-svm")}
-    assert svm_stages and dry == svm_stages
+    svm_stages = {s for s in work_stages(root, env) if s.endswith("-svm")}
+    assert svm_stages and dry == svm_stages | {PREFLIGHT}
     status = json.loads(run(["dvc", "status", "--json"], root, env))
-    assert set(status) == svm_stages
+    assert set(status) == svm_stages | {PREFLIGHT}
+    assert status[PREFLIGHT] == ["always changed"]
 
 
 def test_evaluate_reports_every_model_on_test_and_dvc_reads_them(project: tuple[Path, dict[str, str]]) -> None:
@@ -139,6 +149,8 @@ def test_evaluate_reports_every_model_on_test_and_dvc_reads_them(project: tuple[
                                      capture_output=True, text=True, check=True).stdout)
     gap = diff["reports/metrics.json"]["efficientnet_lite0-gap.accuracy"]
     assert gap["old"] is None and gap["new"] == metrics["efficientnet_lite0-gap"]["accuracy"]
+    for model in metrics:  # two classes: one ROC curve, of the positive class
+        assert [p.name for p in (root / "reports/roc" / model).iterdir()] == ["class-non_faces.csv"]
     run(["dvc", "plots", "show", "-o", str(root / "plots_out")], root, env)
     assert (root / "plots_out" / "index.html").exists()
 
@@ -188,3 +200,43 @@ def test_killed_finetune_resumes_on_next_repro(project: tuple[Path, dict[str, st
     out = run(["dvc", "repro"], root, env)
     assert re.search(r"resuming finetune@\S+ from checkpoint: epoch 1 of \d+ finished", out), out
     assert (root / "models/finetune/efficientnet_lite0/model.safetensors").exists()
+
+
+def _queue_idle(root: Path, env: dict[str, str]) -> bool:
+    status = run(["dvc", "queue", "status"], root, env)
+    return not re.search(r"\b(Running|Queued)\b", status)
+
+
+def test_queued_experiments_run_in_parallel_and_land_in_the_one_store(project: tuple[Path, dict[str, str]]) -> None:
+    """As a user would after `make demo`: two queued experiments, two workers, no extra setup."""
+    root, env = project
+    run(["dvc", "repro"], root, env)
+    c, exp = tracking.client(root), tracking.experiment_id(root)
+    before = {r.info.run_id for r in c.search_runs([exp])}
+    for lr in ("0.002", "0.0005"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"finetune.lr={lr}"], root, env)
+    run(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + QUEUE_WAIT_S
+    while not _queue_idle(root, env):
+        assert time.monotonic() < deadline, run(["dvc", "queue", "status"], root, env)
+        time.sleep(5)
+    status = run(["dvc", "queue", "status"], root, env)
+    assert status.count("Success") >= 2 and "Failed" not in status, status
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
+    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
+    lrs = set()
+    for entry in exps:
+        for revision in entry["revs"]:
+            data = revision["data"]
+            lrs.add(str(data["params"]["params.yaml"]["data"]["finetune"]["lr"]))
+            assert data["metrics"]["reports/metrics.json"]["data"]["efficientnet_lite0-finetune"]["accuracy"] >= 0
+    assert {"0.002", "0.0005"} <= lrs
+
+    out = run(["transferlab", "compare", "--all"], root, env)
+    assert "finetune.lr" in out and "0.002" in out and "0.0005" in out
+    new = [r for r in c.search_runs([exp]) if r.info.run_id not in before]
+    names = sorted(r.info.run_name for r in new if r.data.tags.get(tracking.TAG_KIND) == "stage")
+    assert names.count("evaluate") == 2 and names.count("finetune@efficientnet_lite0") == 2, names
+    assert {r.info.status for r in new} == {"FINISHED"}
+    assert len([r for r in new if r.data.tags.get(tracking.TAG_KIND) == "pipeline"]) == 2

@@ -16,52 +16,90 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from transferlab import __version__
-from transferlab.config import DataParams, IngestParams, ParamsError, load_params, parse_section
-from transferlab.sources import SourceError, check_layout, get_source
-from transferlab.tracking import ChampionNotFoundError
+from transferlab.config import EvaluateParams, Params, load
+from transferlab.errors import EXIT_USER_ERROR, UserError
+from transferlab.sources import SourceError, check_layout, get_source, skipped_files
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """`transferlab predict` cannot start: no images, or no model to load."""
 
 
+class CompareError(UserError):
+    """`transferlab compare` was asked for executions that do not exist."""
+
+
 EXIT_OK = 0
-EXIT_USER_ERROR = 2  # the same code argparse uses for bad arguments
-USER_ERRORS: tuple[type[Exception], ...] = (SourceError, ParamsError, ChampionNotFoundError, PredictError)
 DEFAULT_OUT = Path("data/raw")
 DEFAULT_PARAMS = Path("params.yaml")
 SUMMARY_CLASSES_SHOWN = 12
 CHAMPION = "champion"
 DEFAULT_TOP_K = 3
-DEFAULT_REGISTERED_NAME = "transferlab"
-# what torchvision's ImageFolder reads; used when params.yaml names no ingest.extensions
-DEFAULT_IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
+DEFAULT_REGISTERED_NAME = EvaluateParams().registered_model
 PROBABILITY_DIGITS = 3
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
-def _data_params(params: Path) -> DataParams:
-    # a fresh clone without params.yaml still has a working default source
-    if not params.exists():
-        return DataParams()
-    return parse_section(DataParams, load_params(params).get("data"), "data")
+def _params(path: Path) -> Params:
+    # a folder without params.yaml (predict elsewhere, a fresh layout) still gets the defaults
+    return load(path) if path.exists() else Params()
 
 
 def _cmd_data_get(args: argparse.Namespace) -> int:
+    params = _params(args.params)
     source, sha256 = args.source, args.sha256
     if source is None:
-        data = _data_params(args.params)
-        source = data.source
-        sha256 = sha256 if sha256 is not None else data.sha256
-    out = get_source(source, args.out, sha256=sha256, force=args.force)
-    counts = check_layout(out)
+        source = params.data.source
+        sha256 = sha256 if sha256 is not None else params.data.sha256
+    extensions = params.ingest.suffixes()
+    out = get_source(source, args.out, sha256=sha256, force=args.force, extensions=extensions)
+    counts = check_layout(out, extensions=extensions)
     shown = ", ".join(f"{name} {n}" for name, n in list(counts.items())[:SUMMARY_CLASSES_SHOWN])
     more = ", ..." if len(counts) > SUMMARY_CLASSES_SHOWN else ""
     print(f"{source} -> {out}: {sum(counts.values())} images in {len(counts)} folders ({shown}{more})")
+    skipped = skipped_files(out, extensions)
+    if skipped:
+        listed = ", ".join(f"{n} {suffix}" for suffix, n in skipped.items())
+        print(f"ingest will reject {sum(skipped.values())} file(s) for their type ({listed}; see ingest.extensions)")
+    if not args.no_dvc:
+        _track_with_dvc(out)
     return EXIT_OK
+
+
+def _dvc_executable() -> str | None:
+    import shutil
+
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.exists() else shutil.which("dvc")
+
+
+def _track_with_dvc(out: Path) -> None:
+    """`dvc add` the dataset when it lies inside a DVC project.
+
+    A tracked data/raw is what a team versions (dvc push / pull), and what lets
+    `dvc exp run --queue` / `--temp` see the data: their temporary workspaces get
+    what git and DVC track, nothing else. With core.autostage the .dvc file is
+    staged in git at once.
+    """
+    import subprocess
+
+    from transferlab.tracking.store import project_root
+
+    root = project_root(out.parent if out.parent.exists() else Path("."))
+    dvc = _dvc_executable()
+    if not (root / ".dvc").is_dir() or not out.resolve().is_relative_to(root) or dvc is None:
+        return
+    done = subprocess.run([dvc, "add", "--quiet", str(out.resolve().relative_to(root))], cwd=root,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()
+        print(f"transferlab: warning: `dvc add {out}` failed ({reason[-1] if reason else done.returncode}); "
+              "queued DVC experiments will not see the data until it is tracked", file=sys.stderr)
+        return
+    print(f"tracked with DVC: {out}.dvc (staged in git: commit it, and `dvc push` to share the data)")
 
 
 def _add_data(subparsers: Any) -> None:
@@ -84,6 +122,8 @@ def _add_data(subparsers: Any) -> None:
     get.add_argument(
         "--params", type=Path, default=DEFAULT_PARAMS, help=f"where SOURCE defaults from (default: {DEFAULT_PARAMS})"
     )
+    get.add_argument("--no-dvc", action="store_true",
+                     help="do not `dvc add` OUT (by default it is tracked when it lies inside a DVC project)")
     get.set_defaults(handler=_cmd_data_get)
 
 
@@ -115,10 +155,21 @@ def _add_summary(subparsers: Any) -> None:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from transferlab import compare, tracking
 
+    if args.last is not None and args.last < 1:
+        raise CompareError(f"--last must be at least 1, got {args.last}")
     runs = tracking.executions(args.root)
-    chosen = compare.choose(runs, last=len(runs) if args.all else args.last, experiments=args.exp or ())
+    if not runs:
+        raise CompareError(compare.render([]))
+    experiments = args.exp or ()
+    known = {r.tags.get(tracking.TAG_EXP_NAME) for r in runs}
+    missing = [name for name in experiments if name not in known]
+    if missing:
+        have = sorted(n for n in known if n)
+        raise CompareError(f"no execution of DVC experiment {', '.join(map(repr, missing))} reached evaluate; "
+                           f"experiments that did: {', '.join(have) or 'none'}")
+    chosen = compare.choose(runs, last=len(runs) if args.all else args.last, experiments=experiments)
     print(compare.render(chosen))
-    return EXIT_OK if chosen else EXIT_USER_ERROR
+    return EXIT_OK
 
 
 def _add_compare(subparsers: Any) -> None:
@@ -133,21 +184,19 @@ def _add_compare(subparsers: Any) -> None:
     cmp.add_argument("--last", type=int, metavar="N", help="the N latest executions")
     cmp.add_argument("--exp", action="append", metavar="NAME", help="executions of DVC experiment NAME (repeatable)")
     cmp.add_argument("--all", action="store_true", help="every execution")
-    cmp.add_argument("--root", type=Path, default=Path("."), help="project root holding mlruns/ (default: .)")
+    cmp.add_argument("--root", type=Path, default=Path("."),
+                     help="a folder of the project whose mlruns/ holds the store (default: .)")
     cmp.set_defaults(handler=_cmd_compare)
 
 
 def _image_extensions(params: Path) -> frozenset[str]:
-    """ingest.extensions of params.yaml; null there means every format Pillow reads."""
-    raw = load_params(params).get("ingest") if params.exists() else None
-    if not isinstance(raw, dict) or "extensions" not in raw:
-        return DEFAULT_IMAGE_EXTENSIONS
-    extensions = parse_section(IngestParams, raw, "ingest").extensions
+    """ingest.extensions of params.yaml (as ingest and `data get` read them); null: every format Pillow reads."""
+    extensions = _params(params).ingest.suffixes()
     if extensions is None:
         from PIL import Image
 
         return frozenset(Image.registered_extensions())
-    return frozenset(e.lower() for e in extensions)
+    return extensions
 
 
 def _visible(path: Path, top: Path) -> bool:
@@ -168,8 +217,7 @@ def _image_files(paths: Sequence[Path], extensions: frozenset[str]) -> list[Path
 def _registered_name(args: argparse.Namespace) -> str:
     if args.registered_name:
         return str(args.registered_name)
-    raw = load_params(args.params).get("evaluate") if args.params.exists() else None
-    return str((raw or {}).get("registered_model") or DEFAULT_REGISTERED_NAME)
+    return _params(args.params).evaluate.registered_model
 
 
 def _model(args: argparse.Namespace) -> Callable[[pd.DataFrame], pd.DataFrame]:
@@ -286,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"transferlab: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

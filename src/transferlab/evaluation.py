@@ -24,6 +24,7 @@ from transferlab.config import EvaluateParams, IngestParams
 from transferlab.features import load_part
 from transferlab.heads import load_head
 from transferlab.metrics import confusion_rows, evaluate_predictions, select_best
+from transferlab.paths import REPORT_ROC
 from transferlab.train import MAP_HEADS, MODEL_FILE
 
 GIGA = 1e9
@@ -148,8 +149,17 @@ def metric_summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def roc_file(curve: dict[str, Any]) -> str:
+    """``class-<label>.csv`` per one-vs-rest curve, ``average-micro.csv`` / ``average-macro.csv``."""
+    return f"class-{curve['name']}.csv" if curve["kind"] == "class" else f"average-{curve['kind']}.csv"
+
+
 def write_reports(scored: list[Scored], results: list[dict[str, Any]], reports: Path) -> None:
-    """metrics.json, comparison.csv/.md, confusion matrices (CSV for dvc plots, PNG) and ROC curves."""
+    """metrics.json, comparison.csv/.md, confusion matrices (CSV for dvc plots, PNG) and ROC curves.
+
+    ROC: ``roc/<model>/`` holds one CSV per curve (two classes: the positive
+    class; more: one-vs-rest per class and the micro and macro averages).
+    """
     from transferlab.io import atomic_path, atomic_write_json
     from transferlab.metrics import comparison_table, plot_confusion_png, write_comparison
 
@@ -161,10 +171,11 @@ def write_reports(scored: list[Scored], results: list[dict[str, Any]], reports: 
         with atomic_path(reports / "confusion" / f"{name}.csv", suffix=".csv") as tmp:
             table.to_csv(tmp, index=False, lineterminator="\n")
         plot_confusion_png(r["confusion"], s.classes, f"{name} (test)", reports / "confusion_png" / f"{name}.png")
-        if r.get("roc"):
-            roc = pd.DataFrame({"fpr": r["roc"]["fpr"], "tpr": r["roc"]["tpr"]})
-            with atomic_path(reports / "roc" / f"{name}.csv", suffix=".csv") as tmp:
+        for curve in r.get("roc") or []:
+            roc = pd.DataFrame({"fpr": curve["fpr"], "tpr": curve["tpr"]})
+            with atomic_path(reports / REPORT_ROC / name / roc_file(curve), suffix=".csv") as tmp:
                 roc.to_csv(tmp, index=False, lineterminator="\n")
+    (reports / REPORT_ROC).mkdir(parents=True, exist_ok=True)  # declared even when no curve is defined
 
 
 def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None, out: Path,
@@ -177,3 +188,10 @@ def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None
         return
     backbone = load_backbone(ref.backbone, weights, weights_path)
     save_head_predictor(backbone, ref.path / MODEL_FILE, out, weights=weights, ingest_params=ingest)
+
+
+def missing_outputs(reports: Path, champion_dir: Path) -> list[Path]:
+    """Declared evaluate outputs that do not exist (none, once write_reports and build_predictor ran)."""
+    from transferlab.paths import evaluate_outputs
+
+    return [p for p in [*evaluate_outputs(reports), champion_dir] if not p.exists()]

@@ -175,3 +175,9 @@ def load_part(store: Path, part: str, need_maps: bool) -> PartFeatures:
     classes = manifest["classes"]
     labels = np.array([classes[i] for i in tensors["labels"].tolist()], dtype=object)
     return PartFeatures(list(index["path"]), labels, tensors["pooled"].numpy(), maps)
+
+
+def class_counts(store: Path, part: str) -> dict[str, int]:
+    """Images per class in one part of a feature store (its index only: no tensors are read)."""
+    index = pd.read_csv(Path(store) / f"{part}.index.csv", dtype={"label": str}, keep_default_na=False)
+    return {str(k): int(v) for k, v in index["label"].value_counts().sort_index().items()}

@@ -80,6 +80,7 @@ from tqdm import tqdm
 
 from transferlab.backbones import ALL_BLOCKS, NO_WEIGHTS, Backbone, load_backbone
 from transferlab.config import AugmentParams, FinetuneParams, ParamsError
+from transferlab.errors import UserError
 from transferlab.heads import GapHead, SvmHead, load_head
 from transferlab.io import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 
@@ -147,7 +148,7 @@ Echo = Callable[[str], None]
 EpochHook = Callable[[dict[str, Any]], None]
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(UserError, RuntimeError):
     """Fine-tuning cannot start or did not produce a usable model."""
 
 
@@ -696,7 +697,7 @@ def _identity(job: FinetuneJob, backbone: Backbone, data: SplitData, warm: WarmS
     the old code made. ``finetune.backbones`` is left out: adding another
     backbone to the list must not restart this one.
     """
-    params = {k: v for k, v in dataclasses.asdict(job.params).items() if k != "backbones"}
+    params = job.params.model_dump(exclude={"backbones"})
     identity = {
         "backbone": job.backbone,
         "weights": backbone.weights_id,

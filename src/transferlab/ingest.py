@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import json
 import re
@@ -37,6 +36,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, Unidentif
 from tqdm import tqdm
 
 from transferlab.config import PARTS, IngestParams
+from transferlab.errors import UserError
 from transferlab.io import atomic_dir, sha256_bytes
 
 # q95 keeps re-encoding loss far below what augmentation and the backbone's own
@@ -84,7 +84,7 @@ LAYOUT_FLAT = "flat"
 LAYOUT_HELP = "expected root/<class>/<images> or root/{train,val,test}/<class>/<images>"
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The raw data cannot make a usable dataset; out_dir was left as it was."""
 
     def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
@@ -449,7 +449,6 @@ def ingest(raw_dir: Path, out_dir: Path, params: IngestParams, progress: bool = 
     are process-wide: do not decode images in other threads during the call.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    params.validate("ingest")
     _check_dirs(raw_dir, out_dir)
     layout = _layout(raw_dir)
     with atomic_dir(out_dir) as tmp:
@@ -472,7 +471,7 @@ def _report(
     duplicates = _duplicates(rows)
     return {
         "layout": layout.kind,
-        "params": dataclasses.asdict(params),
+        "params": params.model_dump(),
         "counts": {label: counts.get(label, 0) for label in layout.classes},
         "total": {"seen": len(rows) + len(rejected), "kept": len(rows), "rejected": len(rejected)},
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),

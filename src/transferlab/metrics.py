@@ -23,14 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import auc, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support, roc_curve
 
 from transferlab.io import atomic_path, atomic_write_text
 
@@ -168,15 +161,48 @@ def _balanced_accuracy(cm: np.ndarray) -> float:
     return float(np.mean(np.diag(cm)[present] / support[present]))
 
 
-def _roc(t: np.ndarray, proba: np.ndarray) -> tuple[float | None, dict[str, list] | None]:
-    positive = t == POSITIVE_INDEX
+def _curve(name: str, kind: str, positive: np.ndarray, score: np.ndarray) -> dict[str, Any] | None:
+    """One ROC curve, or None when it is undefined (y_true all positive or all negative)."""
     if positive.all() or not positive.any():
-        return None, None  # undefined with a single class in y_true
-    score = proba[:, POSITIVE_INDEX]
+        return None
     fpr, tpr, thresholds = roc_curve(positive, score)
     # thresholds[0] is +inf ("nothing is positive"); JSON has no inf, so it becomes null.
-    curve = {"fpr": _json_floats(fpr), "tpr": _json_floats(tpr), "thresholds": _json_floats(thresholds)}
-    return float(roc_auc_score(positive, score)), curve
+    return {"name": name, "kind": kind, "auc": float(auc(fpr, tpr)), "fpr": _json_floats(fpr),
+            "tpr": _json_floats(tpr), "thresholds": _json_floats(thresholds)}
+
+
+def roc_curves(t: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """ROC curves: the positive class's for two classes; for more, one-vs-rest per class plus averages.
+
+    Binary: one curve, class ``classes[1]`` scored by ``proba[:, 1]``. More
+    classes: each class against the rest (``kind: class``), the micro average
+    (every image x class decision pooled, ``kind: micro``) and the macro
+    average (per-class TPR interpolated on the union of their FPRs and
+    averaged, as scikit-learn's ROC example does; ``kind: macro``). Classes
+    absent from y_true (or the only class in it) have no curve.
+    """
+    if len(classes) == 2:
+        curve = _curve(str(classes[POSITIVE_INDEX]), "class", t == POSITIVE_INDEX, proba[:, POSITIVE_INDEX])
+        return [curve] if curve else []
+    onehot = t[:, None] == np.arange(len(classes))[None, :]
+    per_class = [_curve(str(c), "class", onehot[:, k], proba[:, k]) for k, c in enumerate(classes)]
+    defined = [c for c in per_class if c is not None]
+    if not defined:
+        return []
+    micro = _curve("micro-average", "micro", onehot.ravel(), proba.ravel())
+    grid = np.unique(np.concatenate([np.asarray(c["fpr"], dtype=np.float64) for c in defined]))
+    mean_tpr = np.mean([np.interp(grid, c["fpr"], c["tpr"]) for c in defined], axis=0)
+    macro = {"name": "macro-average", "kind": "macro", "auc": float(np.mean([c["auc"] for c in defined])),
+             "fpr": _json_floats(grid), "tpr": _json_floats(mean_tpr), "thresholds": None}
+    return [*defined, *([micro] if micro else []), macro]
+
+
+def _roc_auc(curves: list[dict[str, Any]], k: int) -> float | None:
+    """AUC of the positive class (two classes) or the macro average of the per-class AUCs."""
+    if not curves:
+        return None
+    wanted = "class" if k == 2 else "macro"
+    return next(float(c["auc"]) for c in curves if c["kind"] == wanted)
 
 
 def evaluate_predictions(
@@ -198,10 +224,12 @@ def evaluate_predictions(
     (rows = actual, columns = predicted, both in ``classes`` order).
 
     With ``proba`` (N x K, columns in ``classes`` order) also ``log_loss``, ``ece``
-    (``n_bins`` bins) and, for exactly two classes, ``roc_auc`` and ``roc``
-    ({fpr, tpr, thresholds}). The positive class is ``classes[1]`` and its score is
-    ``proba[:, 1]``. The first threshold (+inf in scikit-learn) is written as ``null``.
-    When y_true holds a single class, ROC is undefined and both keys are ``None``.
+    (``n_bins`` bins), ``roc`` (the curves of :func:`roc_curves`: for two classes the
+    positive class ``classes[1]`` scored by ``proba[:, 1]``; for more, one-vs-rest
+    per class plus micro and macro averages) and ``roc_auc`` (the positive class's,
+    or the macro average), and a ``roc_auc`` per class in ``per_class``. The first
+    threshold (+inf in scikit-learn) is written as ``null``. When y_true holds a
+    single class, ROC is undefined: ``roc`` is empty and ``roc_auc`` is ``None``.
 
     Deterministic for a given ``seed``.
     """
@@ -232,8 +260,11 @@ def evaluate_predictions(
     # Integer labels keep the columns in `classes` order (string labels would be sorted).
     result["log_loss"] = float(log_loss(t, proba, labels=np.arange(k)))
     result["ece"] = expected_calibration_error(t, proba, n_bins)
-    if k == 2:
-        result["roc_auc"], result["roc"] = _roc(t, proba)
+    result["roc"] = roc_curves(t, proba, classes)
+    result["roc_auc"] = _roc_auc(result["roc"], k)
+    aucs = {c["name"]: c["auc"] for c in result["roc"] if c["kind"] == "class"}
+    for label, figures in result["per_class"].items():
+        figures["roc_auc"] = aucs.get(label) if k > 2 else None
     return result
 
 

@@ -21,7 +21,6 @@ ones it was trained on.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -40,6 +39,7 @@ from transferlab import ingest
 from transferlab.backbones import NO_WEIGHTS, Backbone, load_backbone
 from transferlab.config import IngestParams
 from transferlab.heads import load_head
+from transferlab.errors import UserError
 from transferlab.io import atomic_dir, atomic_write_json
 
 SPEC = "predictor.json"
@@ -56,7 +56,7 @@ PNG_STORE_ONLY = 0  # arrays become PNG bytes only to share the file decoder: no
 ImageSource = Union[str, os.PathLike[str], bytes, bytearray, memoryview, np.ndarray, Image.Image]
 
 
-class PredictorError(ValueError):
+class PredictorError(UserError, ValueError):
     """A directory is not a usable predictor."""
 
 
@@ -229,7 +229,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 
 def _decoding(spec: Mapping[str, Any]) -> IngestParams:
     # predictors written before the decode entry existed get ingest's defaults
-    return dataclasses.replace(IngestParams(), **spec.get("decode", {}))
+    return IngestParams.model_validate(spec.get("decode", {}))
 
 
 def _comparable(transform: Mapping[str, Any]) -> dict[str, Any]:

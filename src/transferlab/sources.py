@@ -18,7 +18,6 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import types
 import urllib.error
 import urllib.parse
@@ -31,8 +30,9 @@ from typing import IO, Callable, Mapping
 
 import numpy as np
 
-from transferlab.config import PARTS
-from transferlab.io import CHUNK, atomic_dir, sha256_file
+from transferlab.config import IMAGE_EXTENSIONS, PARTS
+from transferlab.errors import UserError
+from transferlab.io import CHUNK, atomic_dir, scratch_dir, sha256_file
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -65,19 +65,17 @@ LFW_SIDE = 25
 DIGITS_MAX_LEVEL = 16  # load_digits() pixels are grey levels 0..16
 UINT8_MAX = 255
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IGNORED_NAMES = frozenset({"__MACOSX"})
-ACCEPTED_LAYOUTS = (
-    "root/<class>/<images> or root/{train,val,test}/<class>/<images> "
-    f"(images: {', '.join(sorted(IMAGE_SUFFIXES))})"
-)
+ACCEPTED_LAYOUTS = "root/<class>/<images> or root/{train,val,test}/<class>/<images>"
+# Suffixes counted as images when a caller names none: ingest's default (ingest.extensions).
+DEFAULT_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """A dataset source could not be fetched, verified, extracted safely or recognised."""
 
 
@@ -100,23 +98,25 @@ def get_source(
     sha256: str | None = None,
     force: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    extensions: frozenset[str] | None = DEFAULT_SUFFIXES,
 ) -> Path:
     """Write the image-folder dataset ``source`` into ``out`` and return ``out``.
 
     ``source`` is ``builtin:lfw-faces``, ``builtin:digits``, ``hymenoptera``, an
     http(s) URL of an archive, a local ``.zip``/``.tar[.gz]``/``.tgz`` or a local
     folder. ``sha256`` checks an archive before anything is extracted. A
-    non-empty ``out`` is replaced only with ``force``. Raises SourceError.
+    non-empty ``out`` is replaced only with ``force``. ``extensions`` are the
+    suffixes ingest reads (``ingest.extensions``; None: whatever Pillow decodes):
+    every class folder needs at least one such image. Raises SourceError.
     """
     out = Path(out)
     expected = _normalize_sha256(sha256)
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     # scratch beside the target: same filesystem, so extracted files are renamed, not copied
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.get.", dir=out.parent) as scratch:
-        with atomic_dir(out) as tmp:
-            _fill(source, tmp, Path(scratch), expected, limits, out)
-            check_layout(tmp, source)
+    with scratch_dir(out, "get") as scratch, atomic_dir(out) as tmp:
+        _fill(source, tmp, scratch, expected, limits, out)
+        check_layout(tmp, source, extensions)
     return out
 
 
@@ -507,8 +507,16 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not is_ignored(p.name))
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def _pillow_suffixes() -> frozenset[str]:
+    from PIL import Image
+
+    Image.init()
+    return frozenset(Image.registered_extensions())
+
+
+def _is_image(path: Path, extensions: frozenset[str] | None = None) -> bool:
+    """A file with an image suffix: one of ``extensions``, or any Pillow knows when None."""
+    return path.is_file() and path.suffix.lower() in (extensions if extensions is not None else _pillow_suffixes())
 
 
 def dataset_root(folder: Path) -> Path:
@@ -553,7 +561,7 @@ def _layout_error(source: str, problem: str) -> SourceError:
     return SourceError(f"{source}: unrecognised dataset layout: {problem}. Accepted layouts: {ACCEPTED_LAYOUTS}")
 
 
-def _class_counts(parent: Path, root: Path, source: str) -> dict[str, int]:
+def _class_counts(parent: Path, root: Path, source: str, extensions: frozenset[str] | None) -> dict[str, int]:
     where = parent.relative_to(root).as_posix() if parent != root else "the top level"
     entries = _visible(parent)
     loose = [p.name for p in entries if _is_image(p)]
@@ -564,20 +572,29 @@ def _class_counts(parent: Path, root: Path, source: str) -> dict[str, int]:
         raise _layout_error(source, f"no class folders in {where}")
     counts = {}
     for folder in classes:
-        n = sum(1 for p in folder.iterdir() if not is_ignored(p.name) and _is_image(p))
+        files = [p for p in folder.iterdir() if not is_ignored(p.name)]
+        n = sum(1 for p in files if _is_image(p, extensions))
         if n == 0:
-            raise _layout_error(source, f"class folder {folder.relative_to(root).as_posix()} has no images")
+            others = sorted({p.suffix.lower() or "(no suffix)" for p in files if p.is_file()})
+            found = f"; it holds {', '.join(others)} files" if others else ""
+            allowed = ", ".join(sorted(extensions)) if extensions is not None else "any format Pillow reads"
+            raise _layout_error(source, f"class folder {folder.relative_to(root).as_posix()} has no images that "
+                                        f"ingest reads ({allowed}; ingest.extensions){found}")
         counts[folder.relative_to(root).as_posix()] = n
     return counts
 
 
-def check_layout(root: Path, source: str | None = None) -> dict[str, int]:
-    """Return images per class folder (``cls`` or ``part/cls``); raise SourceError on any other layout."""
+def check_layout(root: Path, source: str | None = None,
+                 extensions: frozenset[str] | None = DEFAULT_SUFFIXES) -> dict[str, int]:
+    """Images ingest will read (``extensions``) per class folder (``cls`` or ``part/cls``).
+
+    Raises SourceError on any other layout, or for a class folder without one such image.
+    """
     source = source or str(root)
     folders = [p for p in _visible(root) if p.is_dir()]
     parts = [p for p in folders if p.name in PARTS]
     if not parts:
-        return _class_counts(root, root, source)
+        return _class_counts(root, root, source, extensions)
     if len(parts) != len(folders):
         others = ", ".join(p.name for p in folders if p.name not in PARTS)
         raise _layout_error(source, f"split folders ({', '.join(p.name for p in parts)}) mixed with others ({others})")
@@ -586,5 +603,17 @@ def check_layout(root: Path, source: str | None = None) -> dict[str, int]:
         raise _layout_error(source, f"images directly in the top level (e.g. {loose[0]})")
     counts: dict[str, int] = {}
     for part in parts:
-        counts.update(_class_counts(part, root, source))
+        counts.update(_class_counts(part, root, source, extensions))
     return counts
+
+
+def skipped_files(root: Path, extensions: frozenset[str] | None) -> dict[str, int]:
+    """Files in class folders that ingest will reject for their suffix, counted by suffix."""
+    if extensions is None:
+        return {}
+    skipped: dict[str, int] = {}
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if path.is_file() and not any(is_ignored(p) for p in parts) and path.suffix.lower() not in extensions:
+            skipped[path.suffix.lower() or "(no suffix)"] = skipped.get(path.suffix.lower() or "(no suffix)", 0) + 1
+    return skipped

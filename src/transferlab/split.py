@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from transferlab.config import PARTS, SplitParams
+from transferlab.errors import UserError
 from transferlab.io import atomic_path
 
 HELD_OUT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -28,7 +29,7 @@ HELD_OUT_PARTS = ("val", "test")
 SPLIT_COLUMNS = ["path", "label", "part", "sha256"]
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The manifest cannot be split as asked."""
 
 

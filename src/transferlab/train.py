@@ -7,7 +7,6 @@ the SVM's C) sees train and val only: the test part is for ``evaluate``.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ def fit_head(kind: str, params: Any, store: Path) -> tuple[Any, dict[str, Any], 
 
     Returns the fitted head, its metrics (train/val only) and its curve.
     """
-    head = make_head(kind, dataclasses.asdict(params))
+    head = make_head(kind, params.model_dump())
     need_maps = kind in MAP_HEADS
     train = load_part(store, "train", need_maps)
     val = load_part(store, "val", need_maps)
