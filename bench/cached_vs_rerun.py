@@ -10,7 +10,7 @@ One run measures, side by side, for the ``linear``, ``gap`` and ``svm`` heads:
   transformed and pushed through the frozen backbone again, batch by batch,
   right before the head's step. The SVM is not epoch-based: one pass + fit.
 
-Both ways call the same optimisation code, ``transferlab.heads.train_module``,
+Both ways call the same optimisation code, ``transferlab.models.heads.train_module``,
 with the same module, optimizer, batch size, seeds and a fixed number of epochs
 (patience = epochs, so no early stop); only where a batch's features come from
 differs. Results go to stdout and to this script's section of BENCHMARKS.md.
@@ -43,19 +43,19 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from transferlab import config
-from transferlab.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from transferlab.models.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from transferlab.config import GapHeadParams, LinearHeadParams, SvmHeadParams
-from transferlab.features import PartFeatures, extract, load_part
+from transferlab.models.features import PartFeatures, extract, load_part
 
 # The extract stage's own loader (decode, RGB, eval_transform): using it for the
 # rerun way too guarantees both ways turn a file into a tensor identically.
-from transferlab.features import load_batch as load_image_batch
-from transferlab.heads import GapNet, LinearNet, SvmHead, TrainConfig, make_head, predict_logits, train_module
+from transferlab.models.features import load_batch as load_image_batch
+from transferlab.models.heads import GapNet, LinearNet, SvmHead, TrainConfig, make_head, predict_logits, train_module
 
 # The ingest stage's decoder (EXIF rotation, RGB, shorter side <= max_side):
 # pre-shrinking with it gives the same files the pipeline's extract stage reads.
-from transferlab.ingest import JPEG_QUALITY
-from transferlab.ingest import decode_image as ingest_decode
+from transferlab.data.ingest import JPEG_QUALITY
+from transferlab.data.ingest import decode_image as ingest_decode
 from transferlab.io import atomic_write_text
 
 T = TypeVar("T")
@@ -479,7 +479,7 @@ def method_notes(r: Report) -> list[str]:
         "runs it once.",
         f"- Rerun: torch heads decode, transform and forward every training image every epoch, batch by batch, "
         f"right before the head's step ({r.epochs} passes each); the SVM is not epoch-based: one pass + fit.",
-        f"- Same training code both ways: `transferlab.heads.train_module` (AdamW, shuffled batches of "
+        f"- Same training code both ways: `transferlab.models.heads.train_module` (AdamW, shuffled batches of "
         f"{lin.batch_size}, fixed {r.epochs} epochs -- patience = epochs, so no early stop; it keeps the epoch "
         f"with the lowest running train loss, the same rule both ways), same seeds for init, dropout and shuffling. "
         f"linear = `LinearNet` (flatten -> {lin.hidden} -> classes, dropout {lin.dropout}, lr {lin.lr:g}); gap = "

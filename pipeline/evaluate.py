@@ -16,11 +16,12 @@ import pandas as pd
 from transferlab import config, paths, tracking
 from transferlab.config import HEADS
 from transferlab.errors import exit_on_user_error
-from transferlab.evaluation import (
+from transferlab.evaluation.evaluate import (
     backbone_gflops, build_predictor, champion, figures, find_models, metric_summary, missing_outputs, score,
     write_reports,
 )
-from transferlab.features import read_manifest
+from transferlab.models.features import read_manifest
+from transferlab.serving import registry
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         run.log_artifact(args.reports / paths.REPORT_METRICS)
         run.log_artifact(args.reports / paths.REPORT_CONFUSION_PNG, "confusion")
         example = args.images / split.loc[split["part"] == "test", "path"].iloc[0]
-        version = tracking.log_champion(run, champion_dir, params.registered_model, example)
+        version = registry.log_champion(run, champion_dir, params.registered_model, example)
         print((args.reports / paths.REPORT_COMPARISON_MD).read_text())
         print(f"champion (by {params.select_by}): {best['model']} -> models:/{params.registered_model}@champion"
               f" (version {version})")

@@ -10,10 +10,10 @@ import argparse
 from pathlib import Path
 
 from transferlab import config, paths, tracking
-from transferlab.backbones import load_backbone
+from transferlab.models.backbones import load_backbone
 from transferlab.config import ParamsError
 from transferlab.errors import exit_on_user_error
-from transferlab.features import extract
+from transferlab.models.features import extract
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from transferlab import config, paths, tracking
 from transferlab.config import ParamsError
 from transferlab.errors import exit_on_user_error
-from transferlab.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
+from transferlab.training.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
 
 
 def main(argv: list[str] | None = None) -> None:

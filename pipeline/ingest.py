@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transferlab import config, paths, tracking
 from transferlab.errors import exit_on_user_error
-from transferlab.ingest import ingest
+from transferlab.data.ingest import ingest
 
 
 def main(argv: list[str] | None = None) -> None:

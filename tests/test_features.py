@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from transferlab.backbones import NO_WEIGHTS, load_backbone
-from transferlab.features import extract, load_part, read_manifest
-from transferlab.heads import GapHead
+from transferlab.models.backbones import NO_WEIGHTS, load_backbone
+from transferlab.models.features import extract, load_part, read_manifest
+from transferlab.models.heads import GapHead
 
 FP16_TOL = 2e-2  # maps are cached as float16: about 3 significant digits
 

@@ -1,4 +1,4 @@
-"""Tests for transferlab.finetune and the finetune stage.
+"""Tests for transferlab.training.finetune and the finetune stage.
 
 The training runs use a random-init MobileNetV3-Small (the fastest supported
 backbone on CPU at 224 px) on 32 px synthetic images, red squares vs blue
@@ -29,9 +29,9 @@ from PIL import Image
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from transferlab.backbones import Backbone, load_backbone
+from transferlab.models.backbones import Backbone, load_backbone
 from transferlab.config import AugmentParams, FinetuneParams, ParamsError
-from transferlab.finetune import (
+from transferlab.training.finetune import (
     CHECKPOINT_FILE,
     CURVE_COLUMNS,
     CURVE_FILE,
@@ -56,7 +56,7 @@ from transferlab.finetune import (
     read_split,
     train_transform,
 )
-from transferlab.heads import GapHead, SvmHead
+from transferlab.models.heads import GapHead, SvmHead
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "mobilenet_v3_small"  # random init; 13 blocks (features.0 .. features.12)

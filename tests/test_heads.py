@@ -18,7 +18,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from transferlab.config import ParamsError
-from transferlab.heads import GapHead, LinearHead, SvmHead, load_head, make_head
+from transferlab.models.heads import GapHead, LinearHead, SvmHead, load_head, make_head
 
 LABELS = np.array(["cat", "dog", "eel"])
 CHANNELS, SIDE = 8, 3

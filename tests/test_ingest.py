@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from transferlab.config import IngestParams
-from transferlab.ingest import IngestError, discover, ingest
+from transferlab.data.ingest import IngestError, discover, ingest
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

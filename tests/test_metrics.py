@@ -1,4 +1,4 @@
-"""Tests for transferlab.metrics: small hand-computed cases, no torch, MLflow or DVC."""
+"""Tests for transferlab.evaluation.metrics: small hand-computed cases, no torch, MLflow or DVC."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, roc_auc_score
 
-from transferlab import metrics
-from transferlab.metrics import (
+from transferlab.evaluation import metrics
+from transferlab.evaluation.metrics import (
     bootstrap_ci,
     comparison_table,
     confusion_rows,

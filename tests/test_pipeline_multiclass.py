@@ -21,7 +21,7 @@ import yaml
 
 from helpers import copy_project, project_env
 from transferlab import tracking
-from transferlab.sources import write_digits
+from transferlab.data.sources import write_digits
 
 pytestmark = pytest.mark.slow
 PER_CLASS = 15  # 150 images of 10 classes: every split part holds each class, svm's 5 folds fit

@@ -20,10 +20,12 @@ import torch
 from PIL import Image
 from scipy.special import softmax
 
-from transferlab import cli, serving, tracking
-from transferlab.backbones import NO_WEIGHTS, Backbone, load_backbone
-from transferlab.heads import SvmHead, load_head
-from transferlab.predictor import (
+from transferlab import cli, tracking
+from transferlab.serving import pyfunc as serving
+from transferlab.serving import registry
+from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
+from transferlab.models.heads import SvmHead, load_head
+from transferlab.serving.predictor import (
     SPEC,
     Predictor,
     PredictorError,
@@ -124,7 +126,7 @@ def store(
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, root)
         with tracking.stage_run("evaluate", {"select_by": "val_accuracy"}, root / "run.json", root=root) as run:
-            version = tracking.log_champion(run, predictor_dir, NAME, example)
+            version = registry.log_champion(run, predictor_dir, NAME, example)
         assert version == "1"
         yield root
 
@@ -146,7 +148,7 @@ def in_store(store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def champion(store: Path) -> object:
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, store)
-        return tracking.load_champion(NAME, store)
+        return registry.load_champion(NAME, store)
 
 
 def _labels(frame: pd.DataFrame) -> list[str | None]:
@@ -268,11 +270,11 @@ def test_a_frame_needs_a_path_or_image_column(predictor: Predictor) -> None:
 
 def test_champion_is_registered_with_alias_signature_and_example(in_store: Path) -> None:
     c = tracking.client(in_store)
-    version = c.get_model_version_by_alias(NAME, tracking.CHAMPION_ALIAS)
+    version = c.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS)
     assert str(version.version) == "1"
     record = json.loads((in_store / "run.json").read_text())
     assert version.run_id == record["run_id"]
-    assert c.get_run(record["run_id"]).data.tags[tracking.TAG_CHAMPION] == f"models:/{NAME}/1"
+    assert c.get_run(record["run_id"]).data.tags[registry.TAG_CHAMPION] == f"models:/{NAME}/1"
 
     import mlflow
 
@@ -320,14 +322,14 @@ def test_signature_keeps_raw_arrays_out_but_the_unwrapped_model_takes_them(
 def test_log_champion_needs_its_stage_run_active(in_store: Path, predictor_dir: Path) -> None:
     run = tracking.StageRun("not-active", "parent", "evaluate", tracking.client(in_store))
     with pytest.raises(RuntimeError, match="not-active"):
-        tracking.log_champion(run, predictor_dir, NAME, in_store / "example.png")
+        registry.log_champion(run, predictor_dir, NAME, in_store / "example.png")
 
 
 def test_no_champion_is_a_clear_error(in_store: Path, tmp_path: Path) -> None:
-    with pytest.raises(tracking.ChampionNotFoundError, match="dvc repro"):
-        tracking.load_champion("never-registered", in_store)
-    with pytest.raises(tracking.ChampionNotFoundError, match="no MLflow store"):
-        tracking.load_champion(NAME, tmp_path)
+    with pytest.raises(registry.ChampionNotFoundError, match="dvc repro"):
+        registry.load_champion("never-registered", in_store)
+    with pytest.raises(registry.ChampionNotFoundError, match="no MLflow store"):
+        registry.load_champion(NAME, tmp_path)
     assert not (tmp_path / tracking.STORE_DIR).exists()  # looking must not create an empty store
 
 

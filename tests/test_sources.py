@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from helpers import find_hymenoptera
-from transferlab import cli, sources
+from transferlab import cli
+from transferlab.data import sources
 from transferlab.io import sha256_file
-from transferlab.sources import Limits, SourceError, check_layout, get_source
+from transferlab.data.sources import Limits, SourceError, check_layout, get_source
 
 SHARED_HYMENOPTERA = find_hymenoptera()
 

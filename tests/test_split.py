@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from transferlab.config import SplitParams
-from transferlab.split import SplitError, assign_parts, summarize
+from transferlab.data.split import SplitError, assign_parts, summarize
 
 
 def manifest(n_per_class: dict[str, int], folder: str = "") -> pd.DataFrame:

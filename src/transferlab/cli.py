@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from transferlab import __version__
 from transferlab.config import EvaluateParams, Params, load
 from transferlab.errors import EXIT_USER_ERROR, UserError
-from transferlab.sources import SourceError, check_layout, get_source, skipped_files
+from transferlab.data.sources import SourceError, check_layout, get_source, skipped_files
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -153,7 +153,8 @@ def _add_summary(subparsers: Any) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from transferlab import compare, tracking
+    from transferlab import tracking
+    from transferlab.tracking import compare
 
     if args.last is not None and args.last < 1:
         raise CompareError(f"--last must be at least 1, got {args.last}")
@@ -223,13 +224,13 @@ def _registered_name(args: argparse.Namespace) -> str:
 def _model(args: argparse.Namespace) -> Callable[[pd.DataFrame], pd.DataFrame]:
     """The model as a function from a `path` frame to the serving output frame."""
     if args.model == CHAMPION:
-        from transferlab import tracking
+        from transferlab.serving import registry
 
         # a progress bar per artifact copy drowns the table on a terminal
         os.environ.setdefault(PROGRESS_BAR_ENV, "false")
-        return tracking.load_champion(_registered_name(args), args.root).predict  # type: ignore[no-any-return]
-    from transferlab import serving
-    from transferlab.predictor import PredictorError, load_predictor
+        return registry.load_champion(_registered_name(args), args.root).predict  # type: ignore[no-any-return]
+    from transferlab.serving import pyfunc as serving
+    from transferlab.serving.predictor import PredictorError, load_predictor
 
     try:
         predictor = load_predictor(args.model)
@@ -244,7 +245,7 @@ def _top_k(row: Any, columns: list[str], prefix: str, k: int) -> str:
 
 
 def _print_table(paths: list[str], frame: pd.DataFrame, k: int) -> None:
-    from transferlab.serving import ERROR, PROBA_PREFIX
+    from transferlab.serving.pyfunc import ERROR, PROBA_PREFIX
 
     columns = [c for c in frame.columns if c.startswith(PROBA_PREFIX)]
     width = max(len(p) for p in paths)
@@ -267,7 +268,7 @@ def _write_csv(out: Path, paths: list[str], frame: pd.DataFrame) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from transferlab import serving
+    from transferlab.serving import pyfunc as serving
 
     if args.top_k < 1:
         raise PredictError(f"--top-k must be at least 1, got {args.top_k}")

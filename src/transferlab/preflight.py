@@ -23,7 +23,7 @@ from transferlab.io import atomic_write_json, atomic_write_text, sha256_file
 BLOCKS_CACHE = Path(".dvc/tmp/transferlab-blocks.json")
 # block layouts depend on these libraries' versions and on our adapter's code
 LAYOUT_DISTRIBUTIONS = ("torch", "torchvision", "timm")
-ADAPTER_MODULE = "transferlab.backbones"
+ADAPTER_MODULE = "transferlab.models.backbones"
 OK_TEXT = "params.yaml, the dataset and the MLflow store were checked before this pipeline ran\n"
 
 
@@ -44,7 +44,7 @@ def block_names(backbone: str, cache: Path = BLOCKS_CACHE) -> list[str]:
     if stored.get("versions") != key:
         stored = {"versions": key, "blocks": {}}
     if backbone not in stored["blocks"]:
-        from transferlab.backbones import block_names as build
+        from transferlab.models.backbones import block_names as build
 
         stored["blocks"][backbone] = build(backbone)
         atomic_write_json(cache, stored)

@@ -1,19 +1,14 @@
-"""Every MLflow call of transferlab: the project's store, stage runs in one parent per execution, the registry.
+"""The MLflow side of the pipeline: the project's store, stage runs in one parent per execution, compare.
 
 - :mod:`~transferlab.tracking.store`: where the store is, one client per stage, failing fast;
 - :mod:`~transferlab.tracking.execution`: what one pipeline execution is (the execution key);
 - :mod:`~transferlab.tracking.runs`: stage runs, their parent, orphaned runs, executions for ``compare``;
-- :mod:`~transferlab.tracking.registry`: the champion in the model registry.
+- :mod:`~transferlab.tracking.compare`: executions side by side.
+
+The model registry (the champion) is :mod:`transferlab.serving.registry`: tracking never imports serving.
 """
 
 from transferlab.tracking.execution import dvc_invoker, execution_key, git_state
-from transferlab.tracking.registry import (
-    CHAMPION_ALIAS,
-    TAG_CHAMPION,
-    ChampionNotFoundError,
-    load_champion,
-    log_champion,
-)
 from transferlab.tracking.runs import (
     TAG_COMMIT,
     TAG_DIRTY,
@@ -47,10 +42,10 @@ from transferlab.tracking.store import (
 )
 
 __all__ = [
-    "CHAMPION_ALIAS", "EXPERIMENT", "REGISTRY_ENV", "STORE_DIR", "TAG_CHAMPION", "TAG_COMMIT", "TAG_DIRTY",
+    "EXPERIMENT", "REGISTRY_ENV", "STORE_DIR", "TAG_COMMIT", "TAG_DIRTY",
     "TAG_EXP_NAME", "TAG_HOST", "TAG_KEY", "TAG_KIND", "TAG_PARAMS_HASH", "TAG_PROCESS", "TAG_STAGE",
-    "TRACKING_ENV", "ChampionNotFoundError", "Execution", "StageRun", "Store", "TrackingError", "client",
+    "TRACKING_ENV", "Execution", "StageRun", "Store", "TrackingError", "client",
     "dvc_invoker", "execution_key", "executions", "experiment_id", "git_state", "link_test_figures",
-    "load_champion", "log_champion", "mark_orphans", "open_store", "project_root", "stable_hash", "stage_run",
+    "mark_orphans", "open_store", "project_root", "stable_hash", "stage_run",
     "tracking_uri",
 ]

@@ -39,7 +39,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from transferlab.predictor import DEFAULT_BATCH, Classified, ImageSource, Predictor, array_to_png, load_predictor
+from transferlab.serving.predictor import DEFAULT_BATCH, Classified, ImageSource, Predictor, array_to_png, load_predictor
 
 PATH = "path"
 IMAGE = "image"

@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from transferlab.backbones import Backbone
+from transferlab.models.backbones import Backbone
 from transferlab.io import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)

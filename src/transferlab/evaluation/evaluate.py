@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from transferlab.backbones import NO_WEIGHTS, load_backbone
+from transferlab.models.backbones import NO_WEIGHTS, load_backbone
 from transferlab.config import EvaluateParams, IngestParams
-from transferlab.features import load_part
-from transferlab.heads import load_head
-from transferlab.metrics import confusion_rows, evaluate_predictions, select_best
+from transferlab.models.features import load_part
+from transferlab.models.heads import load_head
+from transferlab.evaluation.metrics import confusion_rows, evaluate_predictions, select_best
 from transferlab.paths import REPORT_ROC
-from transferlab.train import MAP_HEADS, MODEL_FILE
+from transferlab.training.heads import MAP_HEADS, MODEL_FILE
 
 GIGA = 1e9
 TEST = "test"
@@ -73,7 +73,7 @@ def _score_head(ref: ModelRef, features_root: Path) -> tuple[list[str], list[str
 
 def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path,
                      batch_size: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
-    from transferlab.finetune import load_finetuned
+    from transferlab.training.finetune import load_finetuned
 
     module, meta, backbone = load_finetuned(ref.path)
     rows = split[split["part"] == TEST]
@@ -161,7 +161,7 @@ def write_reports(scored: list[Scored], results: list[dict[str, Any]], reports: 
     class; more: one-vs-rest per class and the micro and macro averages).
     """
     from transferlab.io import atomic_path, atomic_write_json
-    from transferlab.metrics import comparison_table, plot_confusion_png, write_comparison
+    from transferlab.evaluation.metrics import comparison_table, plot_confusion_png, write_comparison
 
     atomic_write_json(reports / "metrics.json", {r["model"]: metric_summary(r) for r in results})
     write_comparison(comparison_table(results), reports / "comparison.csv", reports / "comparison.md")
@@ -181,7 +181,7 @@ def write_reports(scored: list[Scored], results: list[dict[str, Any]], reports: 
 def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None, out: Path,
                     ingest: IngestParams) -> None:
     """Bundle model ``ref`` as a self-contained predictor at ``out``; new images get ``ingest``'s decoding."""
-    from transferlab.predictor import save_finetune_predictor, save_head_predictor
+    from transferlab.serving.predictor import save_finetune_predictor, save_head_predictor
 
     if ref.kind == "finetune":
         save_finetune_predictor(ref.path, out, ingest_params=ingest)

@@ -35,10 +35,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy.special import softmax
 
-from transferlab import ingest
-from transferlab.backbones import NO_WEIGHTS, Backbone, load_backbone
+from transferlab.data import ingest
+from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
 from transferlab.config import IngestParams
-from transferlab.heads import load_head
+from transferlab.models.heads import load_head
 from transferlab.errors import UserError
 from transferlab.io import atomic_dir, atomic_write_json
 
@@ -96,7 +96,7 @@ class Predictor:
     def open_image(self, source: ImageSource | None) -> Image.Image:
         """Decode one source the way ingest decoded the training images.
 
-        ingest's own decoder (private helpers of transferlab.ingest) does the
+        ingest's own decoder (private helpers of transferlab.data.ingest) does the
         work, so training and serving cannot drift apart. An already decoded
         PIL image is taken as it is.
         """
@@ -255,7 +255,7 @@ def load_predictor(path: str | Path) -> Predictor:
     spec = read_spec(path)
     decoding = _decoding(spec)
     if spec["kind"] == "finetune":
-        from transferlab.finetune import load_finetuned
+        from transferlab.training.finetune import load_finetuned
 
         module, _, backbone = load_finetuned(path)
         return Predictor(list(spec["classes"]), backbone.eval_transform, _module_scores(module.eval()), spec, decoding)

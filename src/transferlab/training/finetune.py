@@ -4,7 +4,7 @@ The network is the pretrained backbone with its ImageNet classifier swapped
 for ``Dropout(p) -> Linear(num_features, K)`` on globally pooled features
 (``Backbone.replace_classifier``). Everything architecture-specific -- block
 names, where the classifier sits, BatchNorm handling -- goes through the
-:class:`~transferlab.backbones.Backbone` adapter.
+:class:`~transferlab.models.backbones.Backbone` adapter.
 
 What the training does, and why:
 
@@ -78,10 +78,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from transferlab.backbones import ALL_BLOCKS, NO_WEIGHTS, Backbone, load_backbone
+from transferlab.models.backbones import ALL_BLOCKS, NO_WEIGHTS, Backbone, load_backbone
 from transferlab.config import AugmentParams, FinetuneParams, ParamsError
 from transferlab.errors import UserError
-from transferlab.heads import GapHead, SvmHead, load_head
+from transferlab.models.heads import GapHead, SvmHead, load_head
 from transferlab.io import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 
 __all__ = [

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss
 
-from transferlab.features import PartFeatures, load_part, read_manifest
-from transferlab.heads import make_head
+from transferlab.models.features import PartFeatures, load_part, read_manifest
+from transferlab.models.heads import make_head
 from transferlab.io import atomic_path, atomic_write_json
 
 MAP_HEADS = ("linear", "gap")  # heads that read maps; the svm reads pooled vectors

@@ -13,7 +13,7 @@ from transferlab.tracking.store import STORE_DIR, open_store, project_root, stor
 CHAMPION_ALIAS = "champion"
 LOGGED_MODEL_NAME = "model"  # the pyfunc's name inside the evaluate run
 TAG_CHAMPION = "transferlab.champion"
-# What the pyfunc imports when it loads (transferlab.serving and its imports),
+# What the pyfunc imports when it loads (transferlab.serving.pyfunc and its imports),
 # pinned to the versions it was logged with. Listing them saves MLflow's
 # requirement inference, which loads the model again in a subprocess.
 SERVING_DISTRIBUTIONS = (
@@ -41,13 +41,13 @@ def serving_requirements() -> list[str]:
 def serving_signature(classes: list[str]) -> Any:
     """Optional ``path`` (string) and ``image`` (binary) in; label, probability, p_<class>..., error out.
 
-    transferlab.serving explains why arrays travel as encoded bytes, not as a
+    transferlab.serving.pyfunc explains why arrays travel as encoded bytes, not as a
     column or tensor of their own.
     """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    from transferlab import serving
+    from transferlab.serving import pyfunc as serving
 
     inputs = Schema([ColSpec("string", serving.PATH, required=False), ColSpec("binary", serving.IMAGE, required=False)])
     outputs = Schema([
@@ -69,8 +69,9 @@ def log_champion(run: StageRun, predictor_dir: Path, registered_name: str, input
     import mlflow
     import pandas as pd
 
-    from transferlab import serving
-    from transferlab.predictor import read_spec
+    import transferlab
+    from transferlab.serving import pyfunc as serving
+    from transferlab.serving.predictor import read_spec
 
     active = mlflow.active_run()
     if active is None or active.info.run_id != run.run_id:
@@ -81,7 +82,7 @@ def log_champion(run: StageRun, predictor_dir: Path, registered_name: str, input
         python_model=serving.ImageClassifier(),
         artifacts={serving.PREDICTOR_ARTIFACT: str(predictor_dir)},
         # the package travels with the model: it loads with the code it was logged with
-        code_paths=[str(Path(serving.__file__).parent)],
+        code_paths=[str(Path(transferlab.__file__).parent)],  # the whole library: the pyfunc imports models/, data/
         signature=serving_signature(list(spec["classes"])),
         input_example=pd.DataFrame({serving.IMAGE: [Path(input_example_image).read_bytes()]}),
         pip_requirements=serving_requirements(),
