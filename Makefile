@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 # stages run with the same CPU threads however they are launched, so timings compare
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-fast install mlflow-ui clean-outputs
+.PHONY: demo test test-fast install mlflow-ui
 
 install: $(STAMP)
 

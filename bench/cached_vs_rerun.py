@@ -61,8 +61,7 @@ from transferlab.io import atomic_write_text
 T = TypeVar("T")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT / "tests"))
-from helpers import find_hymenoptera  # noqa: E402
+from projects import find_hymenoptera  # noqa: E402
 
 TRAIN_FOLDER = "train"
 IMAGE_SUFFIXES = (".jpg", ".jpeg")

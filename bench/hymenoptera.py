@@ -24,8 +24,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from helpers import VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env, split_as_published  # noqa: E402
+from projects import VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env, split_as_published  # noqa: E402
 
 SECTION = "hymenoptera"
 REFERENCE = {"ResNet-18 frozen + linear (PyTorch tutorial)": 0.948, "ResNet-18 fine-tuned (tutorial)": 0.935}

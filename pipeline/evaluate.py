@@ -14,14 +14,29 @@ from pathlib import Path
 import pandas as pd
 
 from transferlab import config, paths, tracking
-from transferlab.config import HEADS
+from transferlab.config import HEADS, IngestParams
 from transferlab.errors import exit_on_user_error
 from transferlab.evaluation.evaluate import (
-    backbone_gflops, build_predictor, champion, figures, find_models, metric_summary, missing_outputs, score,
-    write_reports,
+    ModelRef, backbone_gflops, champion, figures, find_models, missing_outputs, score,
 )
+from transferlab.evaluation.reports import metric_summary, write_reports
+from transferlab.models.backbones import load_backbone
 from transferlab.models.features import read_manifest
 from transferlab.serving import registry
+from transferlab.serving.predictor import save_finetune_predictor, save_head_predictor
+
+
+def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None, out: Path,
+                    ingest: IngestParams) -> None:
+    """Bundle model ``ref`` as a self-contained predictor at ``out``; new images get ``ingest``'s decoding.
+
+    Here, not in transferlab.evaluation: the library's evaluation never imports serving.
+    """
+    if ref.kind == "finetune":
+        save_finetune_predictor(ref.path, out, ingest_params=ingest)
+        return
+    backbone = load_backbone(ref.backbone, weights, weights_path)
+    save_head_predictor(backbone, ref.path / paths.MODEL_FILE, out, weights=weights, ingest_params=ingest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,14 +16,7 @@ from pathlib import Path
 
 import pytest
 
-# Identity used for commits in temporary repos, so tests work on a fresh CI
-# machine without a global git identity.
-GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "transferlab-tests",
-    "GIT_AUTHOR_EMAIL": "tests@transferlab.invalid",
-    "GIT_COMMITTER_NAME": "transferlab-tests",
-    "GIT_COMMITTER_EMAIL": "tests@transferlab.invalid",
-}
+from projects import GIT_IDENTITY  # noqa: F401 - re-exported for the tests
 
 DEFAULT_CLASSES = {"cat": 3, "dog": 2}
 
@@ -153,52 +146,8 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
         assert (actual / rel).read_bytes() == (expected / rel).read_bytes(), rel
 
 
-# --------------------------------------------------------------------------- project copies
-# The end-to-end tests and the benchmarks run the real `dvc repro` in a throw-away copy of
-# this project, so nothing they do touches the working tree, its cache or its MLflow store.
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# The shared real dataset: next to the project, or where this team's machines keep it.
-HYMENOPTERA_CANDIDATES = (
-    PROJECT_ROOT.parent / "shared" / "datasets" / "hymenoptera",
-    Path("/work/shared/datasets/hymenoptera"),
+# project copies: shared with the benchmarks, which never import test code
+from projects import (  # noqa: E402,F401 - re-exported for the tests
+    HYMENOPTERA_CANDIDATES, PROJECT_ROOT, VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env,
+    split_as_published,
 )
-VAL_FROM_TRAIN = 0.15  # share of hymenoptera's train folder drawn as the val split
-
-
-def find_hymenoptera() -> Path | None:
-    """``$TRANSFERLAB_HYMENOPTERA`` if set, else the first candidate folder that exists."""
-    if os.environ.get("TRANSFERLAB_HYMENOPTERA"):
-        return Path(os.environ["TRANSFERLAB_HYMENOPTERA"])
-    return next((p for p in HYMENOPTERA_CANDIDATES if p.is_dir()), None)
-
-
-def project_env() -> dict[str, str]:
-    """``os.environ`` without MLflow/DVC/transferlab settings, this venv first on PATH, a git identity."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TRANSFERLAB_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env | GIT_IDENTITY
-
-
-def copy_project(dest: Path, env: dict[str, str]) -> None:
-    """The files git sees (tracked, or untracked and not ignored), committed in a new repo at ``dest``."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\n")
-    for rel in filter(None, listed):
-        if rel in ("dvc.lock", "data/raw.dvc"):  # a local run's records; the copy must start from scratch
-            continue
-        if (PROJECT_ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / rel, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, env=env, capture_output=True, check=True)
-
-
-def split_as_published(params: dict) -> dict:
-    """Hymenoptera as its published figures are measured: train folder (val drawn from it), test = val folder."""
-    params["split"]["folders"] = {"val": "test"}
-    params["split"]["ratios"] = {"train": 1 - VAL_FROM_TRAIN, "val": VAL_FROM_TRAIN, "test": 0.0}
-    return params

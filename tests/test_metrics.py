@@ -1,4 +1,4 @@
-"""Tests for transferlab.evaluation.metrics: small hand-computed cases, no torch, MLflow or DVC."""
+"""Tests for transferlab.evaluation.metrics and .reports: small hand-computed cases, no torch, MLflow or DVC."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, roc_auc_score
 
 from transferlab.evaluation import metrics
+from transferlab.errors import UserError
 from transferlab.evaluation.metrics import (
+    SelectionError,
     bootstrap_ci,
-    comparison_table,
-    confusion_rows,
     evaluate_predictions,
     expected_calibration_error,
-    plot_confusion_png,
     select_best,
-    write_comparison,
 )
+from transferlab.evaluation.reports import comparison_table, confusion_rows, plot_confusion_png, write_comparison
 
 CLASSES = ["cat", "dog", "fox"]
 # Hand-computed below: recall cat 2/3, dog 1/2, fox 1; precision cat 1, dog 1/2, fox 1/2.
@@ -379,8 +378,36 @@ def test_select_best_tie_breaks():
     assert select_best(results[1:], key="val_loss", maximize=False)["model"] == "b"
 
 
-def test_select_best_requires_the_key():
-    with pytest.raises(ValueError, match="val_accuracy"):
-        select_best([{"model": "a", "val_accuracy": 0.9}, {"model": "b", "accuracy": 0.95}])
+def test_select_best_ranks_a_missing_key_last():
+    # b has no val_accuracy: it cannot win, however good its test accuracy
+    assert select_best([{"model": "b", "accuracy": 0.99}, {"model": "a", "val_accuracy": 0.1}])["model"] == "a"
     with pytest.raises(ValueError):
         select_best([])
+
+
+def test_select_best_by_val_loss_skips_models_without_it():
+    results = [
+        {"model": "svm", "val_accuracy": 0.99, "val_loss": None},  # uncalibrated: no probabilities
+        {"model": "gap", "val_accuracy": 0.90, "val_loss": 0.40},
+        {"model": "linear", "val_accuracy": 0.95, "val_loss": float("nan")},
+        {"model": "ft", "val_accuracy": 0.80, "val_loss": 0.30},
+    ]
+    assert select_best(results, key="val_loss", maximize=False)["model"] == "ft"
+    assert select_best(results[:3], key="val_loss", maximize=False)["model"] == "gap"
+    assert select_best(results)["model"] == "svm"  # by val_accuracy it competes as usual
+
+
+def test_select_best_names_the_setting_when_no_model_has_the_key():
+    results = [{"model": "svm", "val_accuracy": 0.9, "val_loss": None}, {"model": "svm2", "val_accuracy": 0.8}]
+    with pytest.raises(SelectionError, match=r"^evaluate\.select_by: got 'val_loss'.*calibrate: false") as err:
+        select_best(results, key="val_loss", maximize=False, setting="evaluate.select_by")
+    assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)
+
+
+def test_markdown_keeps_text_as_text(tmp_path):
+    results = [_result("1e3", 0.9, 0.8, 0.25), _result("a|b", 0.8, 0.7) | {"kind": "finetune"}]
+    write_comparison(comparison_table(results), tmp_path / "c.csv", tmp_path / "c.md")
+    lines = (tmp_path / "c.md").read_text().splitlines()
+    assert lines[2].split("|")[2].strip() == "1e3"  # not parsed as the number 1000
+    assert "a\\|b" in lines[3]  # a pipe in a name does not split the cell
+    assert lines[1].startswith("|-") and ":|" in lines[1]  # rank is right-aligned

@@ -10,6 +10,7 @@ tracking server must answer. Each failure is one line naming what to change.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ from transferlab.errors import UserError
 from transferlab.io import atomic_write_json, atomic_write_text, sha256_file
 
 BLOCKS_CACHE = Path(".dvc/tmp/transferlab-blocks.json")
-# block layouts depend on these libraries' versions and on our adapter's code
+# block layouts depend on these libraries' versions and on our adapter package's code
 LAYOUT_DISTRIBUTIONS = ("torch", "torchvision", "timm")
 ADAPTER_MODULE = "transferlab.models.backbones"
 OK_TEXT = "params.yaml, the dataset and the MLflow store were checked before this pipeline ran\n"
@@ -31,9 +32,22 @@ class DataMissingError(UserError):
     """The raw dataset is not where ingest reads it."""
 
 
+def _adapter_digest() -> str:
+    """sha256 over every .py file of the adapter package, in sorted order: any module's edit changes it."""
+    # find_spec locates the package without importing it (and so without importing torch).
+    spec = importlib.util.find_spec(ADAPTER_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return "?"
+    files = sorted(path for folder in spec.submodule_search_locations for path in Path(folder).glob("*.py"))
+    combined = hashlib.sha256()
+    for path in files:
+        # The name goes in too, so moving code between modules changes the key.
+        combined.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return combined.hexdigest()
+
+
 def _layout_key() -> str:
-    spec = importlib.util.find_spec(ADAPTER_MODULE)  # finds the file without importing torch
-    code = sha256_file(spec.origin) if spec is not None and spec.origin else "?"
+    code = _adapter_digest()
     return ",".join([*(f"{d}=={version(d)}" for d in LAYOUT_DISTRIBUTIONS), f"adapter={code[:16]}"])
 
 

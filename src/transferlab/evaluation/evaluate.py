@@ -4,6 +4,7 @@ Models are the cached-feature heads (``models/heads/<backbone>/<head>``) and
 the fine-tuned networks (``models/finetune/<backbone>``). Each is scored on the
 test part only; the champion is chosen by a validation figure that the model
 recorded when it was trained, so the test split never influences a choice.
+The report files are written by :mod:`transferlab.evaluation.reports`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from transferlab.config import EvaluateParams
+from transferlab.evaluation.metrics import evaluate_predictions, select_best
 from transferlab.models.backbones import NO_WEIGHTS, load_backbone
-from transferlab.config import EvaluateParams, IngestParams
 from transferlab.models.features import load_part
 from transferlab.models.heads import load_head
-from transferlab.evaluation.metrics import confusion_rows, evaluate_predictions, select_best
-from transferlab.paths import REPORT_ROC
+from transferlab.paths import evaluate_outputs
 from transferlab.training.heads import MAP_HEADS, MODEL_FILE
 
 GIGA = 1e9
@@ -71,6 +72,11 @@ def _score_head(ref: ModelRef, features_root: Path) -> tuple[list[str], list[str
     return list(part.labels), [str(p) for p in head.predict(X)], classes, proba
 
 
+def _load_image(path: Path, transform: Any) -> torch.Tensor:
+    with Image.open(path) as image:  # closed at once: a large test split would otherwise exhaust file handles
+        return transform(image.convert("RGB"))
+
+
 def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path,
                      batch_size: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
     from transferlab.training.finetune import load_finetuned
@@ -79,8 +85,7 @@ def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path,
     rows = split[split["part"] == TEST]
     probs = []
     for i in range(0, len(rows), batch_size):
-        batch = [backbone.eval_transform(Image.open(images_root / p).convert("RGB"))
-                 for p in rows["path"].iloc[i : i + batch_size]]
+        batch = [_load_image(images_root / p, backbone.eval_transform) for p in rows["path"].iloc[i : i + batch_size]]
         with torch.inference_mode():
             probs.append(torch.softmax(module(torch.stack(batch)), dim=1).numpy())
     proba = np.concatenate(probs).astype(np.float64)
@@ -127,71 +132,15 @@ def figures(s: Scored, params: EvaluateParams, gflops: float | None) -> dict[str
 
 
 def champion(results: list[dict[str, Any]], params: EvaluateParams) -> dict[str, Any]:
-    """The model to register: best validation figure, never a test one."""
-    return select_best(results, key=params.select_by, maximize=params.select_by != "val_loss")
+    """The model to register: best validation figure, never a test one.
 
-
-def confusion_table(scored: list[Scored]) -> pd.DataFrame:
-    rows = [r for s in scored for r in confusion_rows(s.y_true, s.y_pred, s.ref.name)]
-    return pd.DataFrame(rows)
-
-
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "roc_auc", "errors", "n")
-
-
-def metric_summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one model that `dvc metrics` and MLflow track."""
-    low, high = result["accuracy_ci"]
-    out = {k: result[k] for k in METRIC_KEYS if result.get(k) is not None}
-    out |= {"accuracy_ci_low": low, "accuracy_ci_high": high}
-    out["per_class"] = {c: {"precision": v["precision"], "recall": v["recall"]}
-                        for c, v in result["per_class"].items()}
-    return out
-
-
-def roc_file(curve: dict[str, Any]) -> str:
-    """``class-<label>.csv`` per one-vs-rest curve, ``average-micro.csv`` / ``average-macro.csv``."""
-    return f"class-{curve['name']}.csv" if curve["kind"] == "class" else f"average-{curve['kind']}.csv"
-
-
-def write_reports(scored: list[Scored], results: list[dict[str, Any]], reports: Path) -> None:
-    """metrics.json, comparison.csv/.md, confusion matrices (CSV for dvc plots, PNG) and ROC curves.
-
-    ROC: ``roc/<model>/`` holds one CSV per curve (two classes: the positive
-    class; more: one-vs-rest per class and the micro and macro averages).
+    A model without ``params.select_by`` (no ``val_loss`` without probabilities)
+    cannot be chosen; a SelectionError names ``evaluate.select_by`` when none has it.
     """
-    from transferlab.io import atomic_path, atomic_write_json
-    from transferlab.evaluation.metrics import comparison_table, plot_confusion_png, write_comparison
-
-    atomic_write_json(reports / "metrics.json", {r["model"]: metric_summary(r) for r in results})
-    write_comparison(comparison_table(results), reports / "comparison.csv", reports / "comparison.md")
-    for s, r in zip(scored, results):
-        name = s.ref.name
-        table = pd.DataFrame(confusion_rows(s.y_true, s.y_pred, name))[["actual", "predicted"]]
-        with atomic_path(reports / "confusion" / f"{name}.csv", suffix=".csv") as tmp:
-            table.to_csv(tmp, index=False, lineterminator="\n")
-        plot_confusion_png(r["confusion"], s.classes, f"{name} (test)", reports / "confusion_png" / f"{name}.png")
-        for curve in r.get("roc") or []:
-            roc = pd.DataFrame({"fpr": curve["fpr"], "tpr": curve["tpr"]})
-            with atomic_path(reports / REPORT_ROC / name / roc_file(curve), suffix=".csv") as tmp:
-                roc.to_csv(tmp, index=False, lineterminator="\n")
-    (reports / REPORT_ROC).mkdir(parents=True, exist_ok=True)  # declared even when no curve is defined
-
-
-def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None, out: Path,
-                    ingest: IngestParams) -> None:
-    """Bundle model ``ref`` as a self-contained predictor at ``out``; new images get ``ingest``'s decoding."""
-    from transferlab.serving.predictor import save_finetune_predictor, save_head_predictor
-
-    if ref.kind == "finetune":
-        save_finetune_predictor(ref.path, out, ingest_params=ingest)
-        return
-    backbone = load_backbone(ref.backbone, weights, weights_path)
-    save_head_predictor(backbone, ref.path / MODEL_FILE, out, weights=weights, ingest_params=ingest)
+    return select_best(results, key=params.select_by, maximize=params.select_by != "val_loss",
+                       setting="evaluate.select_by")
 
 
 def missing_outputs(reports: Path, champion_dir: Path) -> list[Path]:
-    """Declared evaluate outputs that do not exist (none, once write_reports and build_predictor ran)."""
-    from transferlab.paths import evaluate_outputs
-
+    """Declared evaluate outputs that do not exist (none, once the reports and the champion are written)."""
     return [p for p in [*evaluate_outputs(reports), champion_dir] if not p.exists()]

@@ -1,7 +1,8 @@
-"""Model-agnostic evaluation: test metrics, calibration, bootstrap CIs, comparison tables.
+"""Model-agnostic figures: test metrics, calibration, bootstrap CIs, ROC curves, the champion.
 
 Everything here works on labels and probabilities only (no torch, MLflow or DVC), so
-heads and fine-tuned networks are scored by exactly the same code.
+heads and fine-tuned networks are scored by exactly the same code. Tables, plots and
+report files built from these figures are in :mod:`transferlab.evaluation.reports`.
 
 Conventions:
 
@@ -13,19 +14,19 @@ Conventions:
   with non-finite floats written as ``None`` (JSON has no ``inf``/``nan``).
 * Test-set figures are for reporting only; :func:`select_best` picks the champion on
   validation figures so the test split is never used for a decision.
+* Figures that need probabilities (log loss, ECE, ROC) are absent for a model without
+  them (an SVM head with ``calibrate: false``); everything else is reported.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
 from sklearn.metrics import auc, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support, roc_curve
 
-from transferlab.io import atomic_path, atomic_write_text
+from transferlab.errors import UserError
 
 DEFAULT_N_BOOT = 2000
 DEFAULT_CI = 0.95
@@ -39,15 +40,6 @@ POSITIVE_INDEX = 1
 # Probabilities from float32 softmax may miss [0, 1] by rounding only.
 PROBA_TOLERANCE = 1e-6
 
-HEAD_KINDS = ("head", "finetune")
-REQUIRED_RESULT_KEYS = ("model", "kind", "backbone", "accuracy", "accuracy_ci", "balanced_accuracy", "macro_f1")
-OPTIONAL_FLOAT_KEYS = ("log_loss", "ece", "train_seconds", "gflops")
-OPTIONAL_INT_KEYS = ("params_trainable", "params_frozen")
-TABLE_COLUMNS = (
-    "rank", "model", "kind", "backbone", "accuracy", "accuracy_95ci", "accuracy_ci_low", "accuracy_ci_high",
-    "balanced_accuracy", "macro_f1", "log_loss", "ece", "train_seconds", "params_trainable", "params_frozen", "gflops",
-)
-MARKDOWN_DECIMALS = 3
 VAL_LOSS_KEY = "val_loss"
 VAL_PREFIX = "val_"
 
@@ -268,159 +260,45 @@ def evaluate_predictions(
     return result
 
 
-def confusion_rows(y_true: Sequence[str], y_pred: Sequence[str], model: str) -> list[dict[str, str]]:
-    """One row per test image for DVC's ``confusion`` plot template (x: actual, y: predicted)."""
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"y_true and y_pred differ in length: {len(y_true)} vs {len(y_pred)}")
-    return [{"model": model, "actual": str(a), "predicted": str(b)} for a, b in zip(y_true, y_pred)]
+# --------------------------------------------------------------------------- champion
 
 
-def plot_confusion_png(confusion: list[list[int]], classes: Sequence[str], title: str, path: Path) -> None:
-    """Write the confusion matrix as an annotated PNG, atomically.
-
-    Uses the object-oriented Agg canvas, so pyplot's global backend state is untouched.
-    """
-    # Imported here: only this function needs matplotlib.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cm = np.asarray(confusion, dtype=np.int64)
-    k = len(classes)
-    if cm.shape != (k, k):
-        raise ValueError(f"confusion must be {k}x{k} for {k} classes, got shape {cm.shape}")
-    side = min(max(4.0, 0.6 * k + 2.0), 30.0)  # readable cells without giant images
-    fig = Figure(figsize=(side, side))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(cm, cmap="Blues", vmin=0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="actual", title=title)
-    ax.set_xticklabels([str(c) for c in classes], rotation=45, ha="right")
-    ax.set_yticklabels([str(c) for c in classes])
-    threshold = cm.max() / 2 if cm.size else 0
-    for (i, j), count in np.ndenumerate(cm):
-        # White text on dark cells, black on light ones.
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        # No "Software" tag: identical matrices give identical bytes across matplotlib versions.
-        fig.savefig(tmp, format="png", metadata={"Software": None})
+class SelectionError(UserError, ValueError):
+    """No model has the validation figure the champion is to be chosen by."""
 
 
-# --------------------------------------------------------------------------- comparison
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
 
 
-def _result_row(result: dict[str, Any]) -> dict[str, Any]:
-    missing = [key for key in REQUIRED_RESULT_KEYS if key not in result]
-    if missing:
-        raise ValueError(f"result {result.get('model', '?')!r} lacks {missing}")
-    if result["kind"] not in HEAD_KINDS:
-        raise ValueError(f"result {result['model']!r}: kind must be one of {HEAD_KINDS}, got {result['kind']!r}")
-    low, high = (float(v) for v in result["accuracy_ci"])
-    row: dict[str, Any] = {
-        "model": str(result["model"]), "kind": result["kind"], "backbone": str(result["backbone"]),
-        "accuracy": float(result["accuracy"]),
-        "accuracy_95ci": f"{float(result['accuracy']):.3f} [{low:.3f}, {high:.3f}]",
-        "accuracy_ci_low": low, "accuracy_ci_high": high,
-        "balanced_accuracy": float(result["balanced_accuracy"]), "macro_f1": float(result["macro_f1"]),
-    }
-    for key in OPTIONAL_FLOAT_KEYS:
-        value = result.get(key)
-        row[key] = math.nan if value is None else float(value)
-    for key in OPTIONAL_INT_KEYS:
-        value = result.get(key)
-        row[key] = pd.NA if value is None else int(value)
-    return row
-
-
-def comparison_table(results: list[dict]) -> pd.DataFrame:
-    """One row per model, best first, with a 1-based ``rank``.
-
-    Order: test accuracy desc, macro-F1 desc, log loss asc (missing last), model name.
-    This ranks for *reporting*; choose the champion with :func:`select_best`.
-    ``accuracy_95ci`` reads like "0.951 [0.915, 0.980]" (the results' ``accuracy_ci``,
-    95% with the default of :func:`evaluate_predictions`). Missing optional figures
-    are NaN (float columns) or <NA> (integer columns).
-    """
-    rows = [_result_row(r) for r in results]
-    names = [row["model"] for row in rows]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate model names: {sorted({n for n in names if names.count(n) > 1})}")
-    table = pd.DataFrame(rows, columns=[c for c in TABLE_COLUMNS if c != "rank"])
-    for key in OPTIONAL_INT_KEYS:
-        table[key] = table[key].astype("Int64")
-    for key in OPTIONAL_FLOAT_KEYS:
-        table[key] = table[key].astype("float64")
-    table = table.sort_values(
-        ["accuracy", "macro_f1", "log_loss", "model"],
-        ascending=[False, False, True, True],
-        na_position="last",
-        kind="stable",
-    ).reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table
-
-
-def _markdown_cell(value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{MARKDOWN_DECIMALS}f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table: floats with 3 decimals, ints as is, missing empty."""
-    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
-    lines = [
-        "| " + " | ".join(str(c) for c in table.columns) + " |",
-        "|" + "|".join("---:" if num else ":---" for num in numeric) + "|",
-    ]
-    for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join(_markdown_cell(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# The Markdown table is for reading: the interval as one string, no duplicate columns.
-MARKDOWN_COLUMNS = (
-    "rank", "model", "kind", "accuracy_95ci", "balanced_accuracy", "macro_f1", "log_loss", "ece",
-    "train_seconds", "params_trainable", "params_frozen", "gflops",
-)
-
-
-def write_comparison(table: pd.DataFrame, csv_path: Path, md_path: Path) -> None:
-    """Write ``table`` as CSV (full precision, missing empty) and as Markdown, each atomically."""
-    atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
-    shown = [c for c in MARKDOWN_COLUMNS if c in table.columns]
-    atomic_write_text(md_path, _markdown_table(table[shown]))
-
-
-def select_best(results: list[dict], key: str = "val_accuracy", *, maximize: bool = True) -> dict:
+def select_best(results: list[dict], key: str = "val_accuracy", *, maximize: bool = True,
+                setting: str = "key") -> dict:
     """The champion by a VALIDATION figure ``key``; never pass a test figure.
 
     Choosing on test accuracy would leak the test split into the decision and bias the
-    reported test score upwards, so ``key`` must start with ``val_`` and every result
-    must have it. Ties go to the lower ``val_loss`` (missing counts as worst), then
-    to the smaller model name, so the choice is deterministic. ``maximize=False`` is for
+    reported test score upwards, so ``key`` must start with ``val_``. A result without
+    a finite ``key`` (an uncalibrated SVM has no ``val_loss``) cannot win: it ranks
+    after every result that has one; when none has it, :class:`SelectionError` names
+    ``setting`` (the params key that chose ``key``, e.g. ``evaluate.select_by``).
+    Ties go to the lower ``val_loss`` (missing counts as worst), then to the smaller
+    model name, so the choice is deterministic. ``maximize=False`` is for
     lower-is-better keys such as ``val_loss``.
     """
     if not results:
         raise ValueError("no results to select from")
     if not key.startswith(VAL_PREFIX):
         raise ValueError(f"select on a validation figure ({VAL_PREFIX}*), got {key!r}")
-    for result in results:
-        value = result.get(key)
-        if value is None or not math.isfinite(float(value)):
-            raise ValueError(f"result {result.get('model', '?')!r} has no finite {key!r}")
+    if not any(_finite(r.get(key)) for r in results):
+        why = " (a model without probabilities, e.g. an SVM head with calibrate: false, has none)" \
+            if key == VAL_LOSS_KEY else ""
+        raise SelectionError(f"{setting}: got {key!r}, but no model has a finite {key}{why}; "
+                             f"models: {sorted(str(r.get('model', '?')) for r in results)}")
 
-    def order(result: dict) -> tuple[float, float, str]:
-        value = float(result[key])
-        loss = result.get(VAL_LOSS_KEY)
-        loss = math.inf if loss is None or math.isnan(float(loss)) else float(loss)
-        return (-value if maximize else value, loss, str(result.get("model", "")))
+    def order(result: dict) -> tuple[bool, float, float, str]:
+        value, loss = result.get(key), result.get(VAL_LOSS_KEY)
+        missing = not _finite(value)
+        value = 0.0 if missing else float(value)
+        loss = float(loss) if _finite(loss) else math.inf
+        return (missing, -value if maximize else value, loss, str(result.get("model", "")))
 
     return min(results, key=order)
