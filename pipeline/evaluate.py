@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from transferlab import config, paths, tracking
-from transferlab.config import HEADS, IngestParams
+from transferlab.config import IngestParams
 from transferlab.errors import exit_on_user_error
 from transferlab.evaluation.evaluate import (
     ModelRef, backbone_gflops, champion, figures, find_models, missing_outputs, score,
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     heads_dir, champion_dir = args.models / paths.HEADS.name, args.models / paths.CHAMPION.name
     store = tracking.open_store()
     with tracking.stage_run("evaluate", config.as_dict(params), args.reports / paths.RUN_RECORD, store=store) as run:
-        refs = find_models(heads_dir, args.models / paths.FINETUNE.name, extract.backbones, list(HEADS),
-                           finetune.backbones)
+        kinds = list(all_params.train_head.kinds)  # the heads train_head trained
+        refs = find_models(heads_dir, args.models / paths.FINETUNE.name, extract.backbones, kinds, finetune.backbones)
         split = pd.read_csv(args.split, dtype={"label": str}, keep_default_na=False)
         scored = [score(ref, args.features, split, args.images, extract.batch_size) for ref in refs]
         gflops = {b: backbone_gflops(b, read_manifest(args.features / b)["transform"]["crop_size"])

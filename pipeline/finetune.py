@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: models/finetune/<backbone>")
     args = parser.parse_args(argv)
     name = args.backbone
-    params = config.section("finetune")
-    extract = config.section("extract")
+    all_params = config.load(paths.PARAMS)
+    params, extract = all_params.finetune, all_params.extract
     if name not in params.backbones:
         raise ParamsError(f"finetune: {name!r} is not in finetune.backbones {params.backbones}")
     out = args.out or paths.finetune_dir(name)
     store = tracking.open_store()
     job = FinetuneJob(name, params, args.split, args.images, out, extract.weights.get(name),
-                      extract.weights_path.get(name), args.heads or paths.HEADS / name)
+                      extract.weights_path.get(name), args.heads or paths.HEADS / name,
+                      head_kinds=all_params.train_head.kinds)
     logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path, **params.model_dump()}
     with tracking.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD, store=store) as run:
         result = finetune(job)

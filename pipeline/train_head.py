@@ -1,7 +1,9 @@
 """Stage train_head@<backbone>-<head>: one classifier head on cached features.
 
 Outputs in models/heads/<backbone>/<head>/: the model (safetensors + JSON
-sidecar), metrics.json, curve.csv (for `dvc plots`) and run.json.
+sidecar), metrics.json, curve.csv (for `dvc plots`) and run.json. The head
+kinds are the registered ones (transferlab.models.heads.registry); dvc.yaml
+runs one stage per name in train_head.kinds.
 """
 
 from __future__ import annotations
@@ -10,16 +12,15 @@ import argparse
 from pathlib import Path
 
 from transferlab import config, paths, tracking
-from transferlab.config import HEADS, SvmHeadParams
 from transferlab.errors import exit_on_user_error
-from transferlab.models.features import class_counts
-from transferlab.training.heads import fit_head, write_outputs
+from transferlab.models.heads import registry
+from transferlab.training.heads import check_data, train_head
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone", help="a name in extract.backbones")
-    parser.add_argument("head", choices=HEADS, help="the head kind")
+    parser.add_argument("head", choices=registry.names(), help="the head kind (a registered head)")
     parser.add_argument("--features", type=Path, help="feature store (default: data/features/<backbone>)")
     parser.add_argument("--out", type=Path, help="default: models/heads/<backbone>/<head>")
     args = parser.parse_args(argv)
@@ -27,13 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     params = config.section("train_head").head(kind)
     features = args.features or paths.features(backbone)
     out = args.out or paths.head_dir(backbone, kind)
-    if isinstance(params, SvmHeadParams):
-        params.check_folds(class_counts(features, "train"), f"train_head.{kind}")  # before any run is logged
+    check_data(kind, params, features)  # before any run is logged
     store = tracking.open_store()
     logged = {"backbone": backbone, "head": kind, **params.model_dump()}
     with tracking.stage_run(f"train_head@{backbone}-{kind}", logged, out / paths.RUN_RECORD, store=store) as run:
-        head, metrics, curve = fit_head(kind, params, features)
-        write_outputs(head, metrics, curve, out, out / paths.METRICS_FILE, out / paths.CURVE_FILE)
+        result = train_head(kind, params, features, out)
+        curve, metrics = result.curve, result.metrics
         run.log_history({c: curve[c].tolist() for c in curve.columns if c != "step"})
         run.log_metrics(metrics)
         run.log_artifact(out / paths.MODEL_FILE, "model")

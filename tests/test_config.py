@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,25 @@ def test_image_extensions_are_torchvision_imagefolder_ones() -> None:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     assert set(config.IMAGE_EXTENSIONS) == set(IMG_EXTENSIONS)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CUDA", "cpu ", "", "mps:0"])
+def test_bad_compute_device_names_key_value_and_forms(tmp_path: Path, device: str) -> None:
+    allowed = r"; allowed: auto, cpu, cuda, cuda:N, mps$"
+    with pytest.raises(ParamsError, match=rf"^compute\.device: got {re.escape(repr(device))}{allowed}"):
+        parse_section(config.ComputeParams, {"device": device}, "compute")
+    with pytest.raises(ParamsError, match=rf"^compute\.device: got {re.escape(repr(device))}{allowed}"):
+        config.load(_write(tmp_path, f"compute:\n  device: {device!r}\n"))
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_compute_device_forms_accepted(device: str) -> None:
+    assert parse_section(config.ComputeParams, {"device": device}, "compute").device == device
+
+
+def test_compute_defaults_and_workers_bound() -> None:
+    assert config.Params().compute == config.ComputeParams(device="auto", num_workers=2)
+    with pytest.raises(ParamsError, match=r"compute\.num_workers: got -1; allowed: an integer >= 0"):
+        parse_section(config.ComputeParams, {"num_workers": -1}, "compute")
+    with pytest.raises(ParamsError, match=r"compute\.device: got 0; allowed: a string"):
+        parse_section(config.ComputeParams, {"device": 0}, "compute")

@@ -306,8 +306,13 @@ def test_checkpoint_loads_with_weights_only(reference: FinetuneResult, project: 
     assert isinstance(checkpoint["best_metric"], float) and isinstance(checkpoint["best_epoch"], int)
     assert checkpoint["params"]["backbone"] == NAME and checkpoint["params"]["weights"] == "none"
     assert checkpoint["params"]["params"]["lr"] == FAST.lr
-    # A code change must retrain, not reuse a checkpoint the old code made.
-    assert set(checkpoint["params"]["code"]) == {"finetune.py", "backbones.py"}
+    # A code change must retrain, not reuse a checkpoint the old code made: the training modules, the
+    # shared loop and every module of the backbones package, keyed by their path under src/transferlab.
+    code = set(checkpoint["params"]["code"])
+    assert {"training/finetune.py", "training/strategy.py", "training/images.py", "training/warm_start.py",
+            "training/checkpoint.py", "loop.py"} <= code
+    assert any(k.startswith("models/backbones/") for k in code)
+    assert all(len(digest) == 64 for digest in checkpoint["params"]["code"].values())
     assert isinstance(checkpoint["rng"]["torch"], torch.Tensor)
     assert_same_state(checkpoint["best_model"], tensors(project / "reference" / MODEL_FILE))
 
@@ -412,7 +417,7 @@ def write_heads(heads_dir: Path, lite: Backbone, scores: dict[str, float]) -> di
     pooled = (centers[(y == "red").astype(int)] + rng.normal(0, 1, (40, lite.num_features))).astype(np.float32)
     heads = {
         "gap": GapHead(max_epochs=5, random_state=0).fit(pooled[:, :, None, None], y),
-        "svm": SvmHead(random_state=0).fit(pooled, y),
+        "svm": SvmHead(C_grid=None, calibrate=False, random_state=0).fit(pooled, y),
     }
     for kind, score in scores.items():
         (heads_dir / kind).mkdir(parents=True, exist_ok=True)
@@ -465,7 +470,7 @@ def test_svm_fold_multiclass_equals_decision_function() -> None:
     X = rng.normal(3, 2, (60, 5))
     y = np.repeat(["a", "b", "c"], 20)
     X[y == "b"] += 2
-    head = SvmHead(random_state=0).fit(X, y)
+    head = SvmHead(C_grid=None, calibrate=False, random_state=0).fit(X, y)
     weight, bias = linear_from_svm(head)
     logits = torch.from_numpy(X.astype(np.float32)) @ weight.T + bias
     np.testing.assert_allclose(logits.numpy(), head.decision_function(X), rtol=TOL, atol=TOL)
@@ -478,6 +483,15 @@ def test_warm_start_needs_a_compatible_head(lite: Backbone, tmp_path: Path) -> N
     write_heads(tmp_path, lite, {"gap": 0.9})
     with pytest.raises(FinetuneError):  # fitted for other classes
         choose_warm_start(tmp_path, ["cat", "dog"], lite.num_features, lambda _: None)
+
+
+def test_warm_start_uses_only_the_trained_kinds(lite: Backbone, tmp_path: Path) -> None:
+    write_heads(tmp_path, lite, {"linear": 1.0, "gap": 0.9, "svm": 0.8})
+    said: list[str] = []
+    warm = choose_warm_start(tmp_path, ["blue", "red"], lite.num_features, said.append, kinds=["linear", "svm"])
+    assert warm.kind == "svm"  # gap is better, but not in train_head.kinds (a stale folder)
+    with pytest.raises(FinetuneError, match=r"none of train_head.kinds \['linear'\] can warm-start.*gap, svm"):
+        choose_warm_start(tmp_path, ["blue", "red"], lite.num_features, said.append, kinds=["linear"])
 
 
 # --------------------------------------------------------------------------- the stage, killed and rerun

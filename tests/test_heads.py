@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.special
 import torch
+import yaml
+from pydantic import Field
+from safetensors.torch import save_file
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -16,9 +25,16 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from sklearn.utils.validation import check_is_fitted, validate_data
 
+from transferlab import config
 from transferlab.config import ParamsError
-from transferlab.models.heads import GapHead, LinearHead, SvmHead, load_head, make_head
+from transferlab.models.features import load_part
+from transferlab.models.heads import GapHead, LinearHead, SvmHead, load_head, make_head, persistence, registry
+from transferlab.models.heads.registry import register_head
+from transferlab.training.heads import train_head
+
+REPO = Path(__file__).resolve().parents[1]
 
 LABELS = np.array(["cat", "dog", "eel"])
 CHANNELS, SIDE = 8, 3
@@ -26,7 +42,8 @@ CHANNELS, SIDE = 8, 3
 FAST: dict[str, dict[str, Any]] = {
     "linear": {"hidden": 16, "lr": 1e-2, "max_epochs": 30, "batch_size": 32, "patience": 5},
     "gap": {"lr": 5e-2, "max_epochs": 30, "batch_size": 32, "patience": 5},
-    "svm": {"max_iter": 2000},
+    # no grid, no calibration: the head's own C and no CV folds (params.yaml's default grids and calibrates)
+    "svm": {"max_iter": 2000, "C_grid": None, "calibrate": False},
 }
 TORCH_KINDS = ["linear", "gap"]
 ALL_KINDS = ["linear", "gap", "svm"]
@@ -268,7 +285,7 @@ def test_svm_without_grid_uses_c(train):
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_svm_calibrated_proba_matches_calibrated_classifier_cv(n_classes):
     X, y = make_maps(150, seed=7, n_classes=n_classes, spread=0.6)  # overlapping: non-trivial probabilities
-    head = make_head("svm", {"calibrate": True, "max_iter": 2000, "random_state": 0}).fit(X, y)
+    head = make_head("svm", {"calibrate": True, "C_grid": None, "max_iter": 2000, "random_state": 0}).fit(X, y)
     proba = head.predict_proba(X)
     assert proba.shape == (len(X), n_classes)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
@@ -366,7 +383,7 @@ def test_make_head_errors_name_the_allowed_values(kind, params, message):
 CHECKED = [
     LinearHead(**FAST["linear"]),
     GapHead(**FAST["gap"]),
-    SvmHead(),
+    SvmHead(C_grid=None, calibrate=False),
     SvmHead(calibrate=True, C_grid=[0.1, 1.0], cv=3),
 ]
 # Why each of these is expected to fail; xfail_strict keeps the list honest.
@@ -391,3 +408,185 @@ def expected_failed_checks(estimator: Any) -> dict[str, str]:
 @parametrize_with_checks(CHECKED, expected_failed_checks=expected_failed_checks, xfail_strict=True)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+# ------------------------------------------------------------------------ the registry
+
+
+def comparable(params: dict[str, Any]) -> dict[str, Any]:
+    # scikit-learn wants immutable defaults: a tuple where params.yaml has a list
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
+@pytest.mark.parametrize("kind", registry.names())
+def test_estimator_defaults_are_the_params_models_defaults(kind: str) -> None:
+    spec = registry.spec(kind)
+    assert comparable(spec.estimator_class()().get_params()) == spec.params().model_dump()
+
+
+def test_builtin_specs() -> None:
+    assert registry.names() == ("linear", "gap", "svm")
+    assert [s.reads for s in registry.specs()] == ["maps", "maps", "pooled"]
+    assert [s.name for s in registry.specs() if s.warm_start is not None] == ["gap", "svm"]
+    assert LinearHead().lr == config.LinearHeadParams().lr == 3e-5 and SvmHead().calibrate is True
+
+
+def test_validating_params_imports_no_torch() -> None:
+    # The preflight stage validates params.yaml on every `dvc repro`: the registry must stay torch-free.
+    code = ("import sys; from transferlab import config; p = config.load(sys.argv[1]); "
+            "assert p.train_head.kinds == ['linear', 'gap', 'svm']; "
+            "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, 'heavy import'")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "params.yaml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def params_file(tmp_path: Path, train_head: dict[str, Any]) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train_head": train_head}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("train_head", "message"),
+    [
+        ({"kinds": ["linear", "knn"]},
+         r"train_head\.kinds: got \['linear', 'knn'\]; allowed: registered heads \(linear, gap, svm\); "
+         r"not registered: knn"),
+        ({"kinds": ["svm", "gapp"]}, r"train_head\.kinds: .*did you mean gap\?"),
+        ({"kinds": ["svm", "svm"]}, r"train_head\.kinds: got \['svm', 'svm'\]; allowed: each head at most once"),
+        ({"kinds": []}, r"train_head\.kinds: got \[\]; allowed: 1 or more items"),
+        ({"toy": {}}, r"unknown key 'train_head\.toy'; allowed: kinds, linear, gap, svm"),
+        ({"gap": {"lr": 2}}, r"train_head\.gap\.lr: got 2; allowed: a number <= 1"),
+    ],
+)
+def test_train_head_section_is_checked_against_the_registry(tmp_path: Path, train_head: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        config.load(params_file(tmp_path, train_head))
+
+
+def test_kinds_choose_the_heads_and_sections_default(tmp_path: Path) -> None:
+    section = config.load(params_file(tmp_path, {"kinds": ["svm"], "gap": {"lr": 0.01}})).train_head
+    assert section.kinds == ["svm"]
+    assert section.gap.lr == 0.01 and section.head("svm") == config.SvmHeadParams()
+    assert config.as_dict(section)["linear"] == config.LinearHeadParams().model_dump()
+    with pytest.raises(ParamsError, match="unknown head kind 'knn'; allowed: linear, gap, svm"):
+        section.head("knn")
+
+
+# -------------------------------------------------- a head added through the registry alone
+
+
+class ToyParams(config.Section):
+    """Nearest centroid on pooled vectors; ``shrink`` pulls every centroid towards the overall mean."""
+
+    shrink: float = Field(0.0, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+TOY = ToyParams()
+
+
+class ToyHead(ClassifierMixin, BaseEstimator):
+    """A nearest-centroid classifier following the scikit-learn estimator API, with its own persistence."""
+
+    def __init__(self, shrink: float = TOY.shrink, temperature: float = TOY.temperature) -> None:
+        self.shrink = shrink
+        self.temperature = temperature
+
+    def fit(self, X: Any, y: Any) -> "ToyHead":
+        X, y = validate_data(self, X, y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        centroids = np.stack([X[y_idx == k].mean(axis=0) for k in range(len(self.classes_))])
+        self.centroids_ = (1 - self.shrink) * centroids + self.shrink * X.mean(axis=0)
+        self.n_params_ = int(self.centroids_.size)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        distances = ((X[:, None, :] - self.centroids_[None]) ** 2).sum(axis=2)
+        return scipy.special.softmax(-distances / self.temperature, axis=1)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def save(self, path: Path) -> None:
+        check_is_fitted(self)
+        meta = persistence.head_meta(self, n_features_in=int(self.n_features_in_))
+        persistence.save_arrays(path, {"centroids": self.centroids_}, meta)
+
+    def _restore(self, meta: dict[str, Any], path: Path) -> None:
+        self.classes_ = np.asarray(meta["classes"])
+        self.n_features_in_ = int(meta["n_features_in"])
+        self.centroids_ = persistence.load_arrays(path)["centroids"]
+        self.n_params_ = int(self.centroids_.size)
+
+
+@pytest.fixture
+def toy() -> Iterator[str]:
+    register_head("toy", params=ToyParams, reads="pooled")(ToyHead)
+    yield "toy"
+    registry.unregister_head("toy")
+
+
+def write_store(store: Path, seed: int = 0) -> None:
+    """A pooled-only feature store (extract.keep_maps: false) as load_part reads it."""
+    store.mkdir(parents=True)
+    classes = LABELS.tolist()
+    for part, n in (("train", 90), ("val", 45)):
+        maps, labels = make_maps(n, seed=seed + n)
+        pooled = maps.astype(np.float32).mean(axis=(2, 3))
+        index = np.searchsorted(LABELS, labels)
+        save_file({"pooled": torch.from_numpy(pooled), "labels": torch.from_numpy(index.astype(np.int64))},
+                  str(store / f"{part}.pooled.safetensors"))
+        pd.DataFrame({"path": [f"{part}/{i}.jpg" for i in range(n)], "label": labels}).to_csv(
+            store / f"{part}.index.csv", index=False)
+    (store / "manifest.json").write_text(json.dumps(
+        {"classes": classes, "keep_maps": False, "param_counts": {"total": 1234}}))
+
+
+def test_a_registered_head_validates_and_trains_through_the_train_head_job(toy: str, tmp_path: Path) -> None:
+    assert registry.spec(toy).estimator_class() is ToyHead and toy in registry.names()
+    assert ToyHead().get_params() == ToyParams().model_dump()  # its defaults are its params model's
+
+    # params.yaml: the name in kinds and its section validate, with the section's own bounds
+    path = params_file(tmp_path, {"kinds": ["linear", "gap", "svm", toy], toy: {"shrink": 0.25}})
+    section = config.load(path).train_head
+    assert section.kinds == ["linear", "gap", "svm", toy] and section.head(toy) == ToyParams(shrink=0.25)
+    with pytest.raises(ParamsError, match=r"train_head\.toy\.shrink: got 2\.0; allowed: a number <= 1"):
+        config.load(params_file(tmp_path, {toy: {"shrink": 2.0}}))
+    with pytest.raises(ParamsError, match=r"unknown key 'train_head\.toy\.shrnk'; did you mean shrink\?"):
+        config.load(params_file(tmp_path, {toy: {"shrnk": 0.1}}))
+
+    # the job: pooled vectors from a store without maps (a maps head would be refused)
+    store, out = tmp_path / "features", tmp_path / "models" / toy
+    write_store(store)
+    result = train_head(toy, section.head(toy), store, out)
+    assert isinstance(result.head, ToyHead) and result.head.shrink == 0.25
+    assert result.metrics["val_accuracy"] >= 0.95 and result.metrics["val_loss"] > 0
+    assert result.metrics["params_trainable"] == len(LABELS) * CHANNELS
+    assert result.metrics["params_frozen"] == 1234
+    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "metrics.json", "model.safetensors",
+                                                      "model.safetensors.json"]
+    assert json.loads((out / "metrics.json").read_text()) == result.metrics
+    loaded = load_head(out / "model.safetensors")
+    assert isinstance(loaded, ToyHead) and loaded.get_params() == result.head.get_params()
+    val = load_part(store, "val", need_maps=False)
+    np.testing.assert_array_equal(loaded.predict_proba(val.pooled), result.head.predict_proba(val.pooled))
+    with pytest.raises(FileNotFoundError, match=r"heads that read maps \(linear, gap\).*pooled vectors \(svm, toy\)"):
+        train_head("gap", config.GapHeadParams(), store, tmp_path / "gap")
+
+
+def test_an_unregistered_head_is_gone_everywhere(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"train_head\.kinds: .*not registered: toy"):
+        config.load(params_file(tmp_path, {"kinds": ["svm", "toy"]}))
+    with pytest.raises(ParamsError, match="unknown head kind 'toy'"):
+        make_head("toy")
+
+
+def test_registering_another_estimator_under_a_taken_name_fails() -> None:
+    with pytest.raises(ValueError, match="'gap' is already registered"):
+        register_head("gap", params=ToyParams, reads="pooled")(ToyHead)
+    with pytest.raises(ValueError, match="reads 'vectors'"):
+        register_head("toy2", params=ToyParams, reads="vectors")(ToyHead)
+    assert registry.spec("gap").estimator_class() is GapHead

@@ -70,7 +70,8 @@ def _head_predictor(backbone: Backbone, colours: dict[str, tuple[int, int, int]]
     arrays = [_image(rgb, seed) for rgb in colours.values() for seed in range(PER_CLASS)]
     labels = [label for label in colours for _ in range(PER_CLASS)]
     maps = _features(backbone, arrays)
-    head = SvmHead(cv=PER_CLASS, random_state=0).fit(maps, labels)
+    # uncalibrated: the predictor gives the softmax of its scores
+    head = SvmHead(C_grid=None, calibrate=False, random_state=0).fit(maps, labels)
     head.save(out.parent / f"{out.name}-head.safetensors")
     save_head_predictor(backbone, out.parent / f"{out.name}-head.safetensors", out, weights=NO_WEIGHTS)
     return maps

@@ -13,56 +13,22 @@ number. :func:`read_yaml` reads numbers the way DVC does, so both agree.
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from transferlab.errors import UserError
-
-M = TypeVar("M", bound=BaseModel)
+from transferlab.validation import (  # noqa: F401 - re-exported: config is where callers look
+    CLOSE_CUTOFF, CLOSE_MATCHES, ParamsError, Section, _problem, parse, parse_section, read_yaml,
+)
 
 PARTS = ("train", "val", "test")
 # What torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS; a test keeps them
 # equal). One set for `data get`, ingest and predict: kept here so data code never imports torchvision.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SEED_MAX = 2**32 - 1  # numpy's seed range
-CLOSE_MATCHES = 3
-CLOSE_CUTOFF = 0.75  # difflib ratio: catches one or two wrong letters, not unrelated words
-
-
-class ParamsError(UserError, ValueError):
-    """params.yaml has an unknown section or key, or a value outside what is allowed."""
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` and ``1E5`` as floats, as YAML 1.2 (and DVC) do."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-class Section(BaseModel):
-    """A params.yaml section: unknown keys refused, no silent type coercion, immutable."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def _problem(key: str, got: Any, allowed: str) -> ValueError:
-    # raised inside validators; _message prefixes the section's location
-    return ValueError(f"{key}: got {got!r}; allowed: {allowed}")
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -194,18 +160,24 @@ class SvmHeadParams(Section):
                               f"smallest class ({label!r}): stratified folds need one image of each class")
 
 
-HEADS = ("linear", "gap", "svm")
+HEADS = ("linear", "gap", "svm")  # the head kinds to train (and evaluate) by default: train_head.kinds
 
 
 class TrainHeadParams(Section):
-    linear: LinearHeadParams = Field(default_factory=LinearHeadParams)
-    gap: GapHeadParams = Field(default_factory=GapHeadParams)
-    svm: SvmHeadParams = Field(default_factory=SvmHeadParams)
+    """``kinds``: the heads to train; ``<name>``: each registered head's section, parsed by its spec's model."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)  # head sections: the registry's
+    kinds: list[str] = Field(default_factory=lambda: list(HEADS), min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _heads(cls, raw: Any) -> Any:
+        from transferlab.models.heads import registry  # torch-free; imported here as it imports this module
+        return registry.parse_sections(raw, "train_head") if isinstance(raw, Mapping) else raw
 
     def head(self, kind: str) -> Any:
-        if kind not in HEADS:
-            raise ParamsError(f"train_head: unknown head {kind!r}; allowed: {', '.join(HEADS)}")
-        return getattr(self, kind)
+        from transferlab.models.heads.registry import spec  # ParamsError naming the registered heads
+        return getattr(self, spec(kind).name)
 
 
 class AugmentParams(Section):
@@ -266,6 +238,23 @@ class EvaluateParams(Section):
     registered_model: str = Field("transferlab", min_length=1, pattern=r"\S")
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+class ComputeParams(Section):
+    """Where torch runs (``auto``: CUDA, then MPS, then CPU) and how many DataLoader decode workers."""
+
+    device: str = "auto"
+    num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _device(self) -> ComputeParams:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise _problem("device", self.device, DEVICE_FORMS)
+        return self
+
+
 class Params(Section):
     """The whole params.yaml: every section, and the rules that span sections."""
 
@@ -276,6 +265,7 @@ class Params(Section):
     train_head: TrainHeadParams = Field(default_factory=TrainHeadParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    compute: ComputeParams = Field(default_factory=ComputeParams)
 
     @model_validator(mode="after")
     def _across(self) -> Params:
@@ -290,75 +280,6 @@ class Params(Section):
 SECTIONS: dict[str, type[Section]] = {
     name: info.annotation for name, info in Params.model_fields.items()  # type: ignore[misc]
 }
-
-
-# ------------------------------------------------------------------------------------ messages
-
-
-def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model class found by following field names ``loc`` from ``cls``."""
-    for part in loc:
-        field = cls.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        cls = field.annotation
-    return cls
-
-
-_ALLOWED = {
-    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
-    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
-    "model_attributes_type": "a mapping", "missing": "a value (the key is required)",
-}
-
-
-def _allowed(err: Mapping[str, Any], field_type: Any) -> str:
-    kind, ctx = err["type"], err.get("ctx") or {}
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        (limit,) = ctx.values()
-        return f"{'an integer' if field_type is int else 'a number'} {bounds[kind]} {limit}"
-    if kind == "literal_error":
-        return f"one of {ctx['expected']}"
-    if kind in ("too_short", "too_long"):
-        return f"{ctx.get('min_length', 1)} or more items" if kind == "too_short" else f"at most {ctx['max_length']} items"
-    if kind == "string_pattern_mismatch":
-        return "a non-empty string"
-    return _ALLOWED.get(kind, err["msg"])
-
-
-def _message(err: Mapping[str, Any], root: type[BaseModel], prefix: tuple[str, ...]) -> str:
-    loc = tuple(str(p) for p in err["loc"])
-    where = ".".join((*prefix, *loc))
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(root, loc[:-1])
-        allowed = list(parent.model_fields) if parent is not None else []
-        what = "section" if not (*prefix, *loc[:-1]) else "key"
-        close = difflib.get_close_matches(loc[-1], allowed, n=CLOSE_MATCHES, cutoff=CLOSE_CUTOFF)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        return f"unknown {what} {where!r}; {hint}allowed: {', '.join(allowed)}"
-    if err["type"] == "value_error":
-        detail = str(err["ctx"]["error"])
-        return f"{where}.{detail}" if where else detail
-    parent = _model_at(root, loc[:-1])
-    field = parent.model_fields.get(loc[-1]) if parent is not None and loc else None
-    return f"{where}: got {err.get('input')!r}; allowed: {_allowed(err, field and field.annotation)}"
-
-
-def parse(cls: type[M], raw: Any, prefix: str = "") -> M:
-    """Validate ``raw`` as ``cls``; raise ParamsError with one readable line per problem."""
-    raw = {} if raw is None else raw
-    prefix_parts = tuple(p for p in prefix.split(".") if p)
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{prefix or 'params.yaml'}: got {raw!r}; allowed: a mapping")
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as err:
-        raise ParamsError("; ".join(_message(e, cls, prefix_parts) for e in err.errors())) from None
-
-
-def parse_section(cls: type[M], raw: Any, section: str) -> M:
-    return parse(cls, raw, section)
 
 
 # ------------------------------------------------------------------------------------ files

@@ -2,12 +2,9 @@
 
 Everything is assembled in scratch space beside the target and renamed into
 place at the end (``io.atomic_dir``), so a failure of any kind (network,
-checksum, unsafe archive, wrong layout) leaves the target as it was.
-
-Archives are extracted by hand rather than with ``extractall``: each member is
-checked (no ``..``, no absolute path, no links or device files, size caps on
-the declared sizes and on the bytes actually written) and only regular files
-and folders are ever created.
+checksum, unsafe archive, wrong layout) leaves the target as it was. Archives
+are unpacked by :mod:`transferlab.data.archives` (member checks and size caps);
+its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,33 +12,24 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import shutil
-import stat
-import tarfile
 import types
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from transferlab.config import IMAGE_EXTENSIONS, PARTS
-from transferlab.errors import UserError
+# re-exported: sources.py was their home before archives.py
+from transferlab.data.archives import (  # noqa: F401
+    DEFAULT_LIMITS, IGNORED_NAMES, MAX_DOWNLOAD_BYTES, MAX_MEMBER_BYTES, MAX_MEMBERS, MAX_TOTAL_BYTES, TAR_SUFFIXES,
+    ZIP_SUFFIXES, GiB, Limits, MiB, SourceError, _Budget, _copy_capped, copy_tree, extract_archive,
+    is_ignored,
+)
 from transferlab.io import CHUNK, atomic_dir, scratch_dir, sha256_file
 
-MiB = 1 << 20
-GiB = 1 << 30
-
-# Caps: far above any sane image dataset for this tool, far below what would fill a disk.
-MAX_DOWNLOAD_BYTES = 4 * GiB
-MAX_MEMBER_BYTES = 512 * MiB
-MAX_TOTAL_BYTES = 16 * GiB
-MAX_MEMBERS = 1_000_000
 # Per socket operation, not per download: a dead network fails fast, a slow one still finishes.
 DOWNLOAD_TIMEOUT_S = 15.0
 
@@ -65,41 +53,14 @@ LFW_SIDE = 25
 DIGITS_MAX_LEVEL = 16  # load_digits() pixels are grey levels 0..16
 UINT8_MAX = 255
 
-IGNORED_NAMES = frozenset({"__MACOSX"})
 ACCEPTED_LAYOUTS = "root/<class>/<images> or root/{train,val,test}/<class>/<images>"
 # Suffixes counted as images when a caller names none: ingest's default (ingest.extensions).
 DEFAULT_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
-ZIP_SUFFIXES = (".zip",)
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class SourceError(UserError):
-    """A dataset source could not be fetched, verified, extracted safely or recognised."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size caps for downloads and archive extraction (bytes, except ``members``)."""
-
-    member_bytes: int = MAX_MEMBER_BYTES
-    total_bytes: int = MAX_TOTAL_BYTES
-    members: int = MAX_MEMBERS
-    download_bytes: int = MAX_DOWNLOAD_BYTES
-
-
-DEFAULT_LIMITS = Limits()
-
-
-def get_source(
-    source: str,
-    out: str | Path,
-    sha256: str | None = None,
-    force: bool = False,
-    limits: Limits = DEFAULT_LIMITS,
-    extensions: frozenset[str] | None = DEFAULT_SUFFIXES,
-) -> Path:
+def get_source(source: str, out: str | Path, sha256: str | None = None, force: bool = False,
+               limits: Limits = DEFAULT_LIMITS, extensions: frozenset[str] | None = DEFAULT_SUFFIXES) -> Path:
     """Write the image-folder dataset ``source`` into ``out`` and return ``out``.
 
     ``source`` is ``builtin:lfw-faces``, ``builtin:digits``, ``hymenoptera``, an
@@ -222,10 +183,8 @@ def write_lfw_faces(dest: Path) -> None:
         raise SourceError(f"skimage.data.lfw_subset() returned shape {images.shape}, expected {expected_shape}")
     # documented as uint8 but returned as floats in [0, 1] by the versions we use
     pixels = images if images.dtype == np.uint8 else _to_uint8(images, 1.0)
-    for folder, stem, block in (
-        ("faces", "face", pixels[:LFW_COUNT_PER_CLASS]),
-        ("non_faces", "non_face", pixels[LFW_COUNT_PER_CLASS:]),
-    ):
+    halves = (("faces", "face", pixels[:LFW_COUNT_PER_CLASS]), ("non_faces", "non_face", pixels[LFW_COUNT_PER_CLASS:]))
+    for folder, stem, block in halves:
         (dest / folder).mkdir()
         for i, image in enumerate(block):
             _save_png(image, dest / folder / f"{stem}_{i:03d}.png")
@@ -319,7 +278,7 @@ def download(url: str, dest_dir: Path, max_bytes: int = MAX_DOWNLOAD_BYTES) -> P
     return dest
 
 
-# --- safe extraction -----------------------------------------------------------------------
+# --- archives ------------------------------------------------------------------------------
 
 
 def _unpack(archive: Path, dest: Path, scratch: Path, limits: Limits) -> None:
@@ -332,175 +291,7 @@ def _unpack(archive: Path, dest: Path, scratch: Path, limits: Limits) -> None:
             os.replace(child, dest / child.name)
 
 
-def extract_archive(archive: Path, dest: Path, limits: Limits = DEFAULT_LIMITS) -> None:
-    """Extract a zip or tar archive into ``dest``, refusing any unsafe or oversized member."""
-    kind = _archive_kind(archive)
-    try:
-        if kind == "zip":
-            _extract_zip(archive, dest, limits)
-        else:
-            _extract_tar(archive, dest, limits)
-    except SourceError:
-        raise
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
-        raise SourceError(f"{archive.name} is not a readable {kind} archive: {exc}") from exc
-    except OSError as exc:
-        raise SourceError(f"could not extract {archive.name}: {exc}") from exc
-
-
-def _archive_kind(archive: Path) -> str:
-    name = archive.name.lower()
-    if name.endswith(ZIP_SUFFIXES):
-        return "zip"
-    if name.endswith(TAR_SUFFIXES):
-        return "tar"
-    # URLs often hide the type (…/download?id=…): fall back to the content
-    if zipfile.is_zipfile(archive):
-        return "zip"
-    if tarfile.is_tarfile(archive):
-        return "tar"
-    raise SourceError(
-        f"{archive.name} is neither a zip nor a tar archive (accepted: {', '.join(ZIP_SUFFIXES + TAR_SUFFIXES)})"
-    )
-
-
-def _refuse(archive: Path, member: str, reason: str) -> SourceError:
-    return SourceError(f"refusing {archive.name}: member {member!r} {reason}; nothing was written")
-
-
-def _member_path(archive: Path, name: str) -> PurePosixPath | None:
-    """The member's safe relative path, or None for entries to skip (folders' own '.', dotfiles)."""
-    if "\x00" in name:
-        raise _refuse(archive, name, "has a NUL byte in its name")
-    # backslashes are separators to Windows tools: judge the name as they would read it
-    posix = name.replace("\\", "/")
-    if posix.startswith("/") or WINDOWS_DRIVE.match(posix):
-        raise _refuse(archive, name, "has an absolute path")
-    parts = [p for p in posix.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise _refuse(archive, name, "points outside the extraction folder (..)")
-    if not parts or any(is_ignored(p) for p in parts):
-        return None
-    return PurePosixPath(*parts)
-
-
-def _target(archive: Path, dest: Path, name: str, rel: PurePosixPath) -> Path:
-    path = dest.joinpath(*rel.parts)
-    # defence in depth: nothing above should let a path escape, but a check is cheap
-    if not path.resolve().is_relative_to(dest.resolve()):
-        raise _refuse(archive, name, "points outside the extraction folder")
-    return path
-
-
-@dataclass
-class _Budget:
-    """Bytes still allowed across the whole archive, spent as members are written."""
-
-    left: int
-
-
-def _copy_capped(archive: Path, name: str, src: IO[bytes], path: Path, limits: Limits, budget: _Budget) -> None:
-    # declared sizes can lie (zip bombs): count what is actually written too
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with open(path, "wb") as fh:
-        while chunk := src.read(CHUNK):
-            written += len(chunk)
-            if written > limits.member_bytes:
-                raise _refuse(archive, name, f"is larger than the per-member limit of {limits.member_bytes} bytes")
-            if written > budget.left:
-                raise _refuse(archive, name, f"takes the archive over the total limit of {limits.total_bytes} bytes")
-            fh.write(chunk)
-    budget.left -= written
-
-
-def _check_declared(archive: Path, name: str, size: int, limits: Limits, budget: _Budget) -> None:
-    if size > limits.member_bytes:
-        raise _refuse(archive, name, f"is {size} bytes, over the per-member limit of {limits.member_bytes} bytes")
-    if size > budget.left:
-        raise _refuse(archive, name, f"takes the archive over the total limit of {limits.total_bytes} bytes")
-    budget.left -= size
-
-
-def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> None:
-    # the unix file type, when the archiver recorded one; many record permissions only (type 0)
-    kind = stat.S_IFMT(info.external_attr >> 16)
-    if kind == stat.S_IFLNK:
-        raise _refuse(archive, info.filename, "is a symlink")
-    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise _refuse(archive, info.filename, "is a device or special file")
-
-
-def _extract_zip(archive: Path, dest: Path, limits: Limits) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        if len(infos) > limits.members:
-            raise SourceError(f"refusing {archive.name}: {len(infos)} members, over the limit of {limits.members}")
-        # the central directory lists everything up front: refuse before writing a byte
-        declared = _Budget(limits.total_bytes)
-        planned = []
-        for info in infos:
-            rel = _member_path(archive, info.filename)
-            _check_zip_member(archive, info)
-            _check_declared(archive, info.filename, info.file_size, limits, declared)
-            if rel is not None:
-                planned.append((info, _target(archive, dest, info.filename, rel)))
-        written = _Budget(limits.total_bytes)
-        for info, path in planned:
-            if info.is_dir():
-                path.mkdir(parents=True, exist_ok=True)
-            else:
-                with zf.open(info) as src:
-                    _copy_capped(archive, info.filename, src, path, limits, written)
-
-
-def _check_tar_member(archive: Path, member: tarfile.TarInfo, dest: Path) -> None:
-    if member.issym():
-        raise _refuse(archive, member.name, f"is a symlink (to {member.linkname!r})")
-    if member.islnk():
-        raise _refuse(archive, member.name, f"is a hardlink (to {member.linkname!r})")
-    if member.isdev():
-        raise _refuse(archive, member.name, "is a device file or FIFO")
-    if not (member.isfile() or member.isdir()):
-        raise _refuse(archive, member.name, "is not a regular file or folder")
-    data_filter = getattr(tarfile, "data_filter", None)  # Python >= 3.11.4/3.12: a second opinion
-    if data_filter is not None:
-        try:
-            data_filter(member, str(dest))
-        except tarfile.FilterError as exc:
-            raise _refuse(archive, member.name, f"is unsafe ({exc})") from exc
-
-
-def _extract_tar(archive: Path, dest: Path, limits: Limits) -> None:
-    declared = _Budget(limits.total_bytes)
-    written = _Budget(limits.total_bytes)
-    with tarfile.open(archive, "r:*") as tf:
-        # iterate rather than getmembers(): a header bomb must not be loaded into memory first
-        for count, member in enumerate(tf, start=1):
-            if count > limits.members:
-                raise SourceError(f"refusing {archive.name}: more than {limits.members} members")
-            rel = _member_path(archive, member.name)
-            _check_tar_member(archive, member, dest)
-            _check_declared(archive, member.name, member.size, limits, declared)
-            if rel is None:
-                continue
-            path = _target(archive, dest, member.name, rel)
-            if member.isdir():
-                path.mkdir(parents=True, exist_ok=True)
-                continue
-            src = tf.extractfile(member)
-            if src is None:
-                raise _refuse(archive, member.name, "has no readable content")
-            with src:
-                _copy_capped(archive, member.name, src, path, limits, written)
-
-
 # --- folders and layout --------------------------------------------------------------------
-
-
-def is_ignored(name: str) -> bool:
-    """Dotfiles and macOS resource folders are archiver noise, never dataset content."""
-    return name.startswith(".") or name in IGNORED_NAMES
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -532,29 +323,6 @@ def dataset_root(folder: Path) -> Path:
     if only.name in PARTS or any(_is_image(p) for p in only.iterdir()):
         return folder
     return only
-
-
-def copy_tree(src: Path, dest: Path) -> None:
-    """Copy ``src`` into the existing folder ``dest``: file contents only, links followed.
-
-    Permissions are not copied, so a read-only source (a shared dataset) gives a
-    writable ``data/raw`` that can later be replaced.
-    """
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop would otherwise recurse forever
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
-        target = dest / Path(dirpath).relative_to(src)
-        target.mkdir(exist_ok=True)
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            # dangling links, sockets and FIFOs are not images
-            if not is_ignored(name) and path.is_file():
-                shutil.copyfile(path, target / name)
 
 
 def _layout_error(source: str, problem: str) -> SourceError:

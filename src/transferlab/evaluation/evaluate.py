@@ -79,7 +79,7 @@ def _load_image(path: Path, transform: Any) -> torch.Tensor:
 
 def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path,
                      batch_size: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
-    from transferlab.training.finetune import load_finetuned
+    from transferlab.models.finetuned import load_finetuned
 
     module, meta, backbone = load_finetuned(ref.path)
     rows = split[split["part"] == TEST]

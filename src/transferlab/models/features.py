@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from transferlab.models.backbones import Backbone
+from transferlab.models.heads.registry import specs
 from transferlab.io import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -167,9 +168,12 @@ def load_part(store: Path, part: str, need_maps: bool) -> PartFeatures:
     maps = None
     if need_maps:
         if not manifest["keep_maps"]:
+            map_heads = ", ".join(s.name for s in specs() if s.reads_maps)
+            pooled_heads = ", ".join(s.name for s in specs() if not s.reads_maps)
             raise FileNotFoundError(
-                f"{store}: feature maps were not kept (extract.keep_maps: false); "
-                "the 'linear' and 'gap' heads need them: set extract.keep_maps: true or use the 'svm' head"
+                f"{store}: feature maps were not kept (extract.keep_maps: false); the heads that read maps "
+                f"({map_heads}) need them: set extract.keep_maps: true or train heads on pooled vectors "
+                f"({pooled_heads})"
             )
         maps = np.load(store / f"{part}.maps.npy", mmap_mode="r", allow_pickle=False)
     classes = manifest["classes"]

@@ -35,7 +35,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy.special import softmax
 
-from transferlab.data import ingest
+from transferlab.data import imaging
 from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
 from transferlab.config import IngestParams
 from transferlab.models.heads import load_head
@@ -96,8 +96,8 @@ class Predictor:
     def open_image(self, source: ImageSource | None) -> Image.Image:
         """Decode one source the way ingest decoded the training images.
 
-        ingest's own decoder (private helpers of transferlab.data.ingest) does the
-        work, so training and serving cannot drift apart. An already decoded
+        ingest's own decoder (transferlab.data.imaging, shared with ingest) does
+        the work, so training and serving cannot drift apart. An already decoded
         PIL image is taken as it is.
         """
         if source is None:
@@ -107,18 +107,18 @@ class Predictor:
         if isinstance(source, np.ndarray):
             source = array_to_png(source)
         elif isinstance(source, (str, os.PathLike)):
-            source = ingest.read_limited(Path(source), self.decoding.max_file_mb)
+            source = imaging.read_limited(Path(source), self.decoding.max_file_mb)
         if not isinstance(source, (bytes, bytearray, memoryview)):
             raise TypeError(f"cannot classify {type(source).__name__}: expected a path, bytes or a uint8 array")
-        with ingest.strict_pillow(self.decoding.max_pixels):
-            image, _ = ingest.decode_image(bytes(source), self.decoding.max_side)
+        with imaging.strict_pillow(self.decoding.max_pixels):
+            image, _ = imaging.decode_image(bytes(source), self.decoding.max_side)
         return image
 
     def describe_error(self, exc: Exception) -> str:
         """One line naming why a source could not be decoded (ingest's rejection codes)."""
         if isinstance(exc, TypeError):
             return f"{UNSUPPORTED}: {exc}"
-        reason, detail = ingest.rejection_reason(exc, self.decoding)
+        reason, detail = imaging.rejection_reason(exc, self.decoding)
         return f"{reason}: {detail}"
 
     def classify(self, sources: Sequence[ImageSource | None], batch_size: int = DEFAULT_BATCH) -> Classified:
@@ -255,7 +255,7 @@ def load_predictor(path: str | Path) -> Predictor:
     spec = read_spec(path)
     decoding = _decoding(spec)
     if spec["kind"] == "finetune":
-        from transferlab.training.finetune import load_finetuned
+        from transferlab.models.finetuned import load_finetuned
 
         module, _, backbone = load_finetuned(path)
         return Predictor(list(spec["classes"]), backbone.eval_transform, _module_scores(module.eval()), spec, decoding)

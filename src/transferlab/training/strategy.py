@@ -1,0 +1,226 @@
+"""What fine-tuning trains and how: the head, the freezing strategy, optimiser groups, schedule, session.
+
+* **Strategy** (``finetune.strategy``): ``head_only`` trains the head alone,
+  ``last_blocks`` the head plus the top ``finetune.last_blocks`` named blocks,
+  ``full`` everything. Frozen blocks (their BatchNorm, dropout and stochastic
+  depth) stay in eval mode while the rest trains (``Backbone.train``).
+* **Optimiser**: discriminative learning rates (head ``lr``, backbone
+  ``lr * backbone_lr_factor``) and no weight decay on biases and normalisation
+  weights (``ndim <= 1``). Only trainable parameters reach the optimiser.
+* **Schedule**: linear warmup over ``warmup_epochs``, then cosine decay to 0,
+  stepped per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+from transferlab.config import FinetuneParams, ParamsError
+from transferlab.models.backbones import ALL_BLOCKS, Backbone
+from transferlab.models.finetuned import HEAD_TYPE, head_spec, new_head  # noqa: F401 - re-exported
+from transferlab.training.images import FinetuneError, ImageDataset, SplitData, train_transform
+
+__all__ = [
+    "Session",
+    "WarmupCosine",
+    "apply_strategy",
+    "build_model",
+    "class_weights",
+    "make_optimizer",
+    "make_scheduler",
+    "make_session",
+    "new_head",
+    "param_groups",
+    "trainable_blocks",
+    "trained_blocks",
+]
+
+HEAD_GROUP = "head/decay"  # the group whose lr the curve reports (the head's weight matrix is always in it)
+# Decoding stays in-process: with 2 cores torch's intra-op threads already use
+# both for the forward/backward pass, so worker processes would only compete
+# for them (plus start-up and IPC costs). In-process augmentation also draws
+# from the main torch RNG, which the checkpoint saves, so resuming is exact.
+NUM_WORKERS = 0
+
+
+# --------------------------------------------------------------------------- model
+
+
+def trainable_blocks(strategy: str, last_blocks: int) -> int:
+    """``Backbone.set_trainable_blocks`` argument for a ``finetune.strategy``."""
+    if strategy == "head_only":
+        return 0
+    if strategy == "last_blocks":
+        return last_blocks
+    if strategy == "full":
+        return ALL_BLOCKS
+    raise ParamsError(f"finetune.strategy: got {strategy!r}; allowed: 'head_only', 'last_blocks', 'full'")
+
+
+def trained_blocks(backbone: Backbone) -> list[str]:
+    return [name for name, block in backbone.blocks() if any(p.requires_grad for p in block.parameters())]
+
+
+def apply_strategy(backbone: Backbone, strategy: str, last_blocks: int) -> list[str]:
+    """Freeze per ``strategy``; returns the names of the blocks that train (besides the head)."""
+    n = trainable_blocks(strategy, last_blocks)
+    try:
+        backbone.set_trainable_blocks(n)
+    except ValueError as err:
+        raise ParamsError(f"finetune.last_blocks: {err}") from err
+    return trained_blocks(backbone)
+
+
+def build_model(backbone: Backbone, n_classes: int, params: FinetuneParams, warm: Any = None) -> nn.Module:
+    """Swap in the new (or warm-started) head and freeze per the strategy; returns ``backbone.module``.
+
+    ``warm``: a :class:`~transferlab.training.warm_start.WarmStart` (its ``weight``, ``bias``), or None.
+    """
+    head = new_head(backbone.num_features, n_classes, params.dropout)
+    if warm is not None:
+        linear = head[-1]
+        if tuple(warm.weight.shape) != tuple(linear.weight.shape):
+            raise FinetuneError(f"warm start from {warm.path}: weight {tuple(warm.weight.shape)} does not fit "
+                                f"{tuple(linear.weight.shape)}")
+        with torch.no_grad():
+            linear.weight.copy_(warm.weight)
+            linear.bias.copy_(warm.bias)
+    backbone.replace_classifier(head)
+    apply_strategy(backbone, params.strategy, params.last_blocks)
+    return backbone.module
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def param_groups(backbone: Backbone, lr: float, backbone_lr_factor: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in up to four groups: {head, backbone} x {decay, no_decay}.
+
+    Biases and normalisation weights (``ndim <= 1``) get no weight decay; the
+    backbone's learning rate is ``lr * backbone_lr_factor``. Empty groups are left out.
+    """
+    head_ids = {id(p) for p in backbone.classifier.parameters()}
+    groups: dict[str, dict[str, Any]] = {}
+    for part, part_lr in (("head", lr), ("backbone", lr * backbone_lr_factor)):
+        for decay in (True, False):
+            name = f"{part}/{'decay' if decay else 'no_decay'}"
+            groups[name] = {"name": name, "params": [], "lr": part_lr, "weight_decay": weight_decay if decay else 0.0}
+    for param in backbone.module.parameters():
+        if param.requires_grad:
+            part = "head" if id(param) in head_ids else "backbone"
+            groups[f"{part}/{'decay' if param.ndim > 1 else 'no_decay'}"]["params"].append(param)
+    return [g for g in groups.values() if g["params"]]
+
+
+def make_optimizer(groups: list[dict[str, Any]], params: FinetuneParams) -> torch.optim.Optimizer:
+    """AdamW, or SGD with (Nesterov) momentum; per-group lr and weight decay come from ``groups``."""
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum, nesterov=params.momentum > 0)
+    return torch.optim.AdamW(groups, lr=params.lr, fused=True)  # one kernel per step: faster on CPU
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """LR factor at a batch step: linear warmup to 1 over ``warmup_steps``, then cosine to 0.
+
+    A callable object (not a closure) so LambdaLR's state_dict holds its plain
+    int fields, and a checkpoint loads with ``weights_only=True``.
+    """
+
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, params: FinetuneParams, steps_per_epoch: int) -> LambdaLR:
+    schedule = WarmupCosine(params.warmup_epochs * steps_per_epoch, params.max_epochs * steps_per_epoch)
+    return LambdaLR(optimizer, schedule)
+
+
+def class_weights(data: SplitData, params: FinetuneParams) -> Tensor | None:
+    if params.class_weight is None:
+        return None
+    labels = np.array([label for _, label in data.train])
+    weights = compute_class_weight(params.class_weight, classes=np.arange(len(data.classes)), y=labels)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def head_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(next(g["lr"] for g in optimizer.param_groups if g["name"] == HEAD_GROUP))
+
+
+# --------------------------------------------------------------------------- session
+
+
+@dataclass
+class Session:
+    """Everything one training run works with (what the checkpoint saves, and the data)."""
+
+    name: str
+    backbone: Backbone
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    generator: torch.Generator  # the train loader's shuffling
+    device: torch.device
+    amp: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        # float16 autocast only pays off (and is only well supported) on CUDA.
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams) -> Session:
+    device = _device()
+    model.to(device)
+    generator = torch.Generator().manual_seed(params.seed)
+    train_ds = ImageDataset(data.train, train_transform(backbone, params.augment))
+    val_ds = ImageDataset(data.val, backbone.eval_transform)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=params.batch_size, shuffle=True, generator=generator,
+                              num_workers=NUM_WORKERS, pin_memory=pin)
+    val_loader = DataLoader(val_ds, batch_size=params.batch_size, shuffle=False, num_workers=NUM_WORKERS,
+                            pin_memory=pin)
+    optimizer = make_optimizer(param_groups(backbone, params.lr, params.backbone_lr_factor, params.weight_decay),
+                               params)
+    weight = class_weights(data, params)
+    amp = device.type == "cuda"
+    return Session(
+        name=backbone.name,
+        backbone=backbone,
+        model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, params, len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp),
+        loss_fn=nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device)),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        generator=generator,
+        device=device,
+        amp=amp,
+    )
