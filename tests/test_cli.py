@@ -54,12 +54,18 @@ def test_data_get_tracks_the_dataset_with_dvc_inside_a_project(tmp_path: Path) -
     run("git", "init", "-q")
     run(str(bin_dir / "dvc"), "init", "-q")
     run(str(bin_dir / "dvc"), "config", "core.autostage", "true")
+    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t"})
+    run("git", "commit", "-qam", "init")
     src = _folder(tmp_path / "src", {".png": "RGB"})
+    (project / "notes.txt").write_text("the user's own staged work\n")
+    run("git", "add", "notes.txt")
     done = run(str(bin_dir / "transferlab"), "data", "get", str(src))
-    assert "tracked with DVC" in done.stdout
+    assert "tracked with DVC and committed" in done.stdout
     assert (project / "data" / "raw.dvc").exists()
-    staged = run("git", "diff", "--cached", "--name-only").stdout.split()
-    assert "data/raw.dvc" in staged
+    # committed (a workspace `dvc exp run` would unstage a merely staged file); the user's staged work stays staged
+    assert "data/raw.dvc" in run("git", "show", "--name-only", "--format=", "HEAD").stdout.split()
+    assert run("git", "diff", "--cached", "--name-only").stdout.split() == ["notes.txt"]
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -127,7 +127,7 @@ def test_changing_svm_C_outdates_only_the_svm_heads(project: tuple[Path, dict[st
     assert svm_stages and dry == svm_stages | {PREFLIGHT}
     status = json.loads(run(["dvc", "status", "--json"], root, env))
     assert set(status) == svm_stages | {PREFLIGHT}
-    assert status[PREFLIGHT] == ["always changed"]
+    assert "always changed" in status[PREFLIGHT]
 
 
 def test_evaluate_reports_every_model_on_test_and_dvc_reads_them(project: tuple[Path, dict[str, str]]) -> None:

@@ -65,7 +65,7 @@ def _cmd_data_get(args: argparse.Namespace) -> int:
         listed = ", ".join(f"{n} {suffix}" for suffix, n in skipped.items())
         print(f"ingest will reject {sum(skipped.values())} file(s) for their type ({listed}; see ingest.extensions)")
     if not args.no_dvc:
-        _track_with_dvc(out)
+        _track_with_dvc(out, commit=not args.no_commit)
     return EXIT_OK
 
 
@@ -76,13 +76,15 @@ def _dvc_executable() -> str | None:
     return str(beside) if beside.exists() else shutil.which("dvc")
 
 
-def _track_with_dvc(out: Path) -> None:
-    """`dvc add` the dataset when it lies inside a DVC project.
+def _track_with_dvc(out: Path, commit: bool) -> None:
+    """`dvc add` the dataset when it lies inside a DVC project, and commit its .dvc file.
 
     A tracked data/raw is what a team versions (dvc push / pull), and what lets
     `dvc exp run --queue` / `--temp` see the data: their temporary workspaces get
-    what git and DVC track, nothing else. With core.autostage the .dvc file is
-    staged in git at once.
+    what git and DVC track, nothing else. The .dvc file is committed (only it and
+    the .gitignore DVC may write), not just staged: a workspace `dvc exp run`
+    restores the workspace with newly staged files unstaged, and queued
+    experiments started after it would then miss the data.
     """
     import subprocess
 
@@ -92,14 +94,29 @@ def _track_with_dvc(out: Path) -> None:
     dvc = _dvc_executable()
     if not (root / ".dvc").is_dir() or not out.resolve().is_relative_to(root) or dvc is None:
         return
-    done = subprocess.run([dvc, "add", "--quiet", str(out.resolve().relative_to(root))], cwd=root,
-                          capture_output=True, text=True)
+    rel = out.resolve().relative_to(root)
+    done = subprocess.run([dvc, "add", "--quiet", str(rel)], cwd=root, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr or done.stdout).strip().splitlines()
         print(f"transferlab: warning: `dvc add {out}` failed ({reason[-1] if reason else done.returncode}); "
               "queued DVC experiments will not see the data until it is tracked", file=sys.stderr)
         return
-    print(f"tracked with DVC: {out}.dvc (staged in git: commit it, and `dvc push` to share the data)")
+    tracked = rel.with_name(rel.name + ".dvc")
+    if not commit:
+        print(f"tracked with DVC: {tracked}; commit it before queuing experiments, `dvc push` to share the data")
+        return
+    paths = [str(tracked)] + [str(p) for p in (rel.parent / ".gitignore",) if (root / p).exists()]
+    subprocess.run(["git", "add", "--", *paths], cwd=root, capture_output=True, text=True)
+    message = f"Track the dataset {rel} with DVC (transferlab data get)"
+    done = subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=root, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()
+        print(f"tracked with DVC: {tracked} (staged; git commit failed: {reason[-1] if reason else done.returncode}); "
+              "commit it before queuing experiments", file=sys.stderr)
+        return
+    print(f"tracked with DVC and committed: {tracked} (`dvc push` shares the data; "
+          "`git reset --soft HEAD~1` undoes the commit)")
 
 
 def _add_data(subparsers: Any) -> None:
@@ -124,6 +141,8 @@ def _add_data(subparsers: Any) -> None:
     )
     get.add_argument("--no-dvc", action="store_true",
                      help="do not `dvc add` OUT (by default it is tracked when it lies inside a DVC project)")
+    get.add_argument("--no-commit", action="store_true",
+                     help="stage OUT.dvc in git but do not commit it (queued experiments need it committed)")
     get.set_defaults(handler=_cmd_data_get)
 
 

@@ -88,7 +88,7 @@ def check_data(raw: Path) -> None:
     if root and Path(root).resolve() != Path.cwd().resolve():
         raise DataMissingError(
             f"{raw} is missing in this experiment workspace: queued and --temp experiments get only what git and "
-            f"DVC track. In the project, run `dvc add {raw}` and `git add {tracked}` (transferlab data get does both)"
+            f"DVC track. In the project, run `dvc add {raw}` and commit {tracked} (transferlab data get does both)"
         )
     raise DataMissingError(f"{raw} is missing or empty: get a dataset with `transferlab data get [SOURCE]` "
                            "(`make demo` does this with data.source)")
