@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     store = tracking.open_store()
     job = FinetuneJob(name, params, args.split, args.images, out, extract.weights.get(name),
                       extract.weights_path.get(name), args.heads or paths.HEADS / name,
-                      head_kinds=all_params.train_head.kinds)
+                      head_kinds=all_params.train_head.kinds, device=all_params.compute.device)
     logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path, **params.model_dump()}
     with tracking.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD, store=store) as run:
         result = finetune(job)

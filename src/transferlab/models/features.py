@@ -20,16 +20,18 @@ import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from numpy.lib.format import open_memmap
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from transferlab.data.images import image_loader
+from transferlab.data.imaging import open_rgb
+from transferlab.device import autocast
 from transferlab.models.backbones import Backbone
 from transferlab.models.heads.registry import specs
 from transferlab.io import atomic_dir, atomic_write_json, sha256_file
@@ -50,17 +52,9 @@ class PartFeatures:
     maps: np.ndarray | None  # N x C x H x W float16, memory-mapped; None when not kept
 
 
-def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
-    for i in range(0, len(paths), size):
-        yield paths[i : i + size]
-
-
 def load_batch(paths: list[Path], backbone: Backbone) -> torch.Tensor:
-    images = []
-    for p in paths:
-        with Image.open(p) as img:
-            images.append(backbone.eval_transform(img.convert("RGB")))
-    return torch.stack(images)
+    """One batch through the one image pipeline, in this process (tests, small callers)."""
+    return torch.stack([backbone.eval_transform(open_rgb(p)) for p in paths])
 
 
 def _versions() -> dict[str, str]:
@@ -85,25 +79,29 @@ def _extract_part(
     batch_size: int,
     keep_maps: bool,
     classes: list[str],
+    device: torch.device,
+    num_workers: int,
 ) -> dict[str, Any]:
     paths = [images_root / p for p in rows["path"]]
+    # workers decode and transform the next batches while the backbone runs on this one
+    loader = image_loader([(path, 0) for path in paths], backbone.eval_transform, batch_size, device, num_workers)
     maps_file = None
     maps_shape: list[int] | None = None
     pooled = []
     start = 0
     desc = f"extract {backbone.name} [{part}]"
-    with torch.inference_mode():
-        for batch in tqdm(list(_batches(paths, batch_size)), desc=desc, unit="batch"):
-            fmap = backbone.forward_features(load_batch(batch, backbone))
+    with torch.inference_mode(), autocast(device):
+        for images, _ in tqdm(loader, desc=desc, unit="batch"):
+            fmap = backbone.forward_features(images.to(device, non_blocking=True)).float().cpu()
             if keep_maps:
                 if maps_file is None:
                     maps_shape = [len(paths), *fmap.shape[1:]]
                     maps_file = open_memmap(
                         out / f"{part}.maps.npy", mode="w+", dtype=MAPS_DTYPE, shape=tuple(maps_shape)
                     )
-                maps_file[start : start + len(batch)] = fmap.numpy().astype(MAPS_DTYPE)
+                maps_file[start : start + len(images)] = fmap.numpy().astype(MAPS_DTYPE)
             pooled.append(backbone.pool(fmap).to(POOLED_DTYPE))
-            start += len(batch)
+            start += len(images)
     if maps_file is not None:
         maps_file.flush()
         del maps_file
@@ -125,17 +123,26 @@ def extract(
     out_dir: Path,
     batch_size: int,
     keep_maps: bool = True,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Write the feature store for ``backbone`` atomically; return its manifest."""
+    """Write the feature store for ``backbone`` atomically; return its manifest.
+
+    ``device``: where the backbone runs (``compute.device``, resolved); the
+    stored tensors are always CPU tensors, so the store loads anywhere.
+    """
+    device = torch.device(device)
     split = pd.read_csv(split_csv, dtype={"label": str}, keep_default_na=False)
     classes = sorted(split["label"].unique())
     backbone.module.eval()  # BatchNorm must use its ImageNet statistics, never batch ones
     backbone.module.requires_grad_(False)  # frozen: nothing here trains, and the counts say so
+    backbone.module.to(device)
     parts: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         for part, rows in split.groupby("part", sort=True):
             parts[str(part)] = _extract_part(
-                backbone, rows.reset_index(drop=True), images_root, tmp, str(part), batch_size, keep_maps, classes
+                backbone, rows.reset_index(drop=True), images_root, tmp, str(part), batch_size, keep_maps, classes,
+                device, num_workers,
             )
         manifest = {
             "backbone": backbone.name,

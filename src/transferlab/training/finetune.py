@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from transferlab.config import FinetuneParams
+from transferlab.device import resolve_device
 from transferlab.io import atomic_path, atomic_write_json, sha256_file
 from transferlab.loop import Loop, LoopState, Monitor, finished, fresh_state, run
 from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
@@ -94,6 +95,7 @@ class FinetuneJob:
     weights_path: str | None = None  # as in extract.weights_path
     heads_dir: Path | None = None  # models/heads/<backbone>: read only when params.init is best_head
     head_kinds: Sequence[str] | None = None  # train_head.kinds: the heads a warm start may use (None: all)
+    device: str = "cpu"  # compute.device: auto | cpu | cuda | cuda:N | mps
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def finetune(job: FinetuneJob, echo: Echo = _say, on_epoch_end: EpochHook | None
     params = job.params
     backbone, model, data, warm = _prepare(job, note)
     ident = checkpoint.identity(job, backbone, data, warm)
-    session = make_session(backbone, model, data, params)
+    session = make_session(backbone, model, data, params, resolve_device(job.device))
     loop = _loop(session, params)
     path = job.out_dir / CHECKPOINT_FILE
     state, resumed_from = _start(session, loop, ident, path, note)

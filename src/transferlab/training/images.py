@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from transferlab.config import AugmentParams
 from transferlab.errors import UserError
 from transferlab.io import sha256_file
+from transferlab.data.images import ImageDataset  # noqa: F401 - the one image Dataset, re-exported
 from transferlab.models.backbones import Backbone
 
 __all__ = ["FinetuneError", "ImageDataset", "SplitData", "read_split", "train_transform"]
@@ -58,22 +57,6 @@ def read_split(split_csv: Path, images_root: Path) -> SplitData:
     if len(classes) < 2:
         raise FinetuneError(f"{split_csv} has {len(classes)} class(es); need at least 2")
     return data
-
-
-class ImageDataset(Dataset):
-    """(transformed image, class index) for a list of (path, class index)."""
-
-    def __init__(self, items: list[tuple[Path, int]], transform: Callable[[Any], Tensor]) -> None:
-        self.items = items
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        path, label = self.items[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
 
 
 def train_transform(backbone: Backbone, augment: AugmentParams) -> Callable[[Any], Tensor]:

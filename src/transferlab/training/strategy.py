@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from transferlab.config import FinetuneParams, ParamsError
 from transferlab.models.backbones import ALL_BLOCKS, Backbone
 from transferlab.models.finetuned import HEAD_TYPE, head_spec, new_head  # noqa: F401 - re-exported
-from transferlab.training.images import FinetuneError, ImageDataset, SplitData, train_transform
+from transferlab.data.images import image_loader
+from transferlab.training.images import FinetuneError, SplitData, train_transform
 
 __all__ = [
     "Session",
@@ -191,21 +192,15 @@ class Session:
         return contextlib.nullcontext()
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams) -> Session:
-    device = _device()
+def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams,
+                 device: torch.device | str = "cpu") -> Session:
+    device = torch.device(device)
     model.to(device)
     generator = torch.Generator().manual_seed(params.seed)
-    train_ds = ImageDataset(data.train, train_transform(backbone, params.augment))
-    val_ds = ImageDataset(data.val, backbone.eval_transform)
-    pin = device.type == "cuda"
-    train_loader = DataLoader(train_ds, batch_size=params.batch_size, shuffle=True, generator=generator,
-                              num_workers=NUM_WORKERS, pin_memory=pin)
-    val_loader = DataLoader(val_ds, batch_size=params.batch_size, shuffle=False, num_workers=NUM_WORKERS,
-                            pin_memory=pin)
+    # the one image pipeline (transferlab.data.images); NUM_WORKERS: see above (exact resume)
+    train_loader = image_loader(data.train, train_transform(backbone, params.augment), params.batch_size, device,
+                                NUM_WORKERS, shuffle=True, generator=generator)
+    val_loader = image_loader(data.val, backbone.eval_transform, params.batch_size, device, NUM_WORKERS)
     optimizer = make_optimizer(param_groups(backbone, params.lr, params.backbone_lr_factor, params.weight_decay),
                                params)
     weight = class_weights(data, params)
