@@ -106,8 +106,8 @@ def check_tracking() -> str:
 
 def run(params_file: Path, raw: Path, out: Path, cache: Path = BLOCKS_CACHE) -> Params:
     params = load(params_file)
-    check_strategy(params, cache)
+    check_tracking()  # first of the slower checks: at most seconds, where building block layouts needs torch
     check_data(raw)
-    check_tracking()
+    check_strategy(params, cache)
     atomic_write_text(out, OK_TEXT)
     return params

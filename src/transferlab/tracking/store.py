@@ -94,6 +94,18 @@ def cap_http_retries() -> None:
         os.environ.setdefault(name, value)
 
 
+# what the many nested requests/urllib3 messages for "nobody answers" boil down to
+_REASONS = (("Connection refused", "connection refused"), ("NewConnectionError", "connection refused"),
+            ("Name or service not known", "unknown host"), ("Failed to resolve", "unknown host"),
+            ("timed out", f"no answer within {PROBE_TIMEOUT_S} s"), ("Timeout", f"no answer within {PROBE_TIMEOUT_S} s"),
+            ("SSLError", "TLS handshake failed"))
+
+
+def _unreachable_reason(text: str) -> str:
+    return next((short for needle, short in _REASONS if needle in text),
+                text.split(" failed with exception ")[-1][:120])
+
+
 def probe(uri: str) -> None:
     """One quick request to a tracking server; TrackingError naming ``uri`` if it is down or refuses us."""
     from mlflow.utils.credentials import get_default_host_creds
@@ -104,7 +116,7 @@ def probe(uri: str) -> None:
                                 backoff_factor=1, timeout=PROBE_TIMEOUT_S, raise_on_status=False,
                                 params={"experiment_name": EXPERIMENT})
     except Exception as exc:  # noqa: BLE001 - requests/urllib3 raise many kinds for one "unreachable"
-        reason = str(exc).split(" failed with exception ")[-1][:200]
+        reason = _unreachable_reason(str(exc))
         raise TrackingError(f"cannot reach the MLflow tracking server {uri} ({reason}); start it, fix "
                             f"{TRACKING_ENV}, or unset it to use the project's local store") from None
     if response.status_code in HTTP_AUTH:
