@@ -215,11 +215,15 @@ def test_queued_experiments_run_in_parallel_and_land_in_the_one_store(project: t
     before = {r.info.run_id for r in c.search_runs([exp])}
     for lr in ("0.002", "0.0005"):
         run(["dvc", "exp", "run", "--queue", "-S", f"finetune.lr={lr}"], root, env)
-    run(["dvc", "queue", "start", "-j", "2"], root, env)
+    # the workers it starts outlive it and inherit its output: captured pipes would never close
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, check=True, timeout=120,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + QUEUE_WAIT_S
     while not _queue_idle(root, env):
         assert time.monotonic() < deadline, run(["dvc", "queue", "status"], root, env)
         time.sleep(5)
+    subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, timeout=120,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     status = run(["dvc", "queue", "status"], root, env)
     assert status.count("Success") >= 2 and "Failed" not in status, status
 
