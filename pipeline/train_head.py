@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from transferlab import config, paths, tracking
+from transferlab.device import resolve_device
 from transferlab.errors import exit_on_user_error
 from transferlab.models.heads import registry
 from transferlab.training.heads import check_data, train_head
@@ -25,14 +26,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: models/heads/<backbone>/<head>")
     args = parser.parse_args(argv)
     backbone, kind = args.backbone, args.head
-    params = config.section("train_head").head(kind)
+    all_params = config.load(paths.PARAMS)
+    params = all_params.train_head.head(kind)
+    device = resolve_device(all_params.compute.device)
     features = args.features or paths.features(backbone)
     out = args.out or paths.head_dir(backbone, kind)
     check_data(kind, params, features)  # before any run is logged
     store = tracking.open_store()
-    logged = {"backbone": backbone, "head": kind, **params.model_dump()}
+    logged = {"backbone": backbone, "head": kind, **params.model_dump(), "device": str(device)}
     with tracking.stage_run(f"train_head@{backbone}-{kind}", logged, out / paths.RUN_RECORD, store=store) as run:
-        result = train_head(kind, params, features, out)
+        result = train_head(kind, params, features, out, device)
         curve, metrics = result.curve, result.metrics
         run.log_history({c: curve[c].tolist() for c in curve.columns if c != "step"})
         run.log_metrics(metrics)

@@ -82,7 +82,7 @@ def uncalibrated_svm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[P
     def stage_run(stage: str, logged: Any, record: Path, **_: Any) -> Iterator[StageRun]:
         yield StageRun("run", "parent", stage, client)
 
-    monkeypatch.setattr(config, "section", lambda name, *a, **k: params)
+    monkeypatch.setattr(config, "load", lambda *a, **k: config.Params().model_copy(update={"train_head": params}))
     monkeypatch.setattr(tracking, "open_store", lambda *a, **k: None)
     monkeypatch.setattr(tracking, "stage_run", stage_run)
     out = heads / BACKBONE / "svm"

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import re
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from helpers import copy_project, project_env
-from transferlab import tracking
+from transferlab import cli, tracking
+from transferlab import device as device_module
+from transferlab.training import finetune as finetune_training
 
 pytestmark = pytest.mark.slow
 E2E_EPOCHS = 3
@@ -244,3 +251,146 @@ def test_queued_experiments_run_in_parallel_and_land_in_the_one_store(project: t
     assert names.count("evaluate") == 2 and names.count("finetune@efficientnet_lite0") == 2, names
     assert {r.info.status for r in new} == {"FINISHED"}
     assert len([r for r in new if r.data.tags.get(tracking.TAG_KIND) == "pipeline"]) == 2
+
+
+class ReachedModel(Exception):
+    """Raised by the spy when a module gets its first input on the meta device."""
+
+
+@pytest.fixture
+def meta_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, torch.device, torch.device]]]:
+    """Every stage's device resolves to ``meta``; the first module fed a meta tensor stops the stage.
+
+    A meta tensor has a shape and no data, so nothing is computed or written:
+    the record (module, input device, parameter device) shows where the stage
+    sent its tensors and its model. Stage runs are not logged.
+    """
+    meta = torch.device("meta")
+    for module in (device_module, finetune_training):
+        monkeypatch.setattr(module, "resolve_device", lambda *a, **k: meta)
+
+    @contextlib.contextmanager
+    def no_run(*_: Any, **__: Any) -> Iterator[Any]:
+        yield SimpleNamespace()
+
+    monkeypatch.setattr(tracking, "open_store", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "stage_run", no_run)
+    seen: list[tuple[str, torch.device, torch.device]] = []
+
+    def spy(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if tensors and tensors[0].device == meta:
+            param = next(module.parameters(), tensors[0])
+            seen.append((type(module).__name__, tensors[0].device, param.device))
+            raise ReachedModel
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(spy)
+    yield seen
+    handle.remove()
+
+
+def load_stage(root: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", root / "pipeline" / f"{name}.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    if hasattr(stage, "resolve_device"):  # `from transferlab.device import resolve_device` in the stage
+        monkeypatch.setattr(stage, "resolve_device", lambda *a, **k: torch.device("meta"))
+    return stage
+
+
+def test_every_stage_and_predict_send_tensors_and_model_to_the_resolved_device(
+    project: tuple[Path, dict[str, str]], meta_spy: list, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    root, _ = project
+    monkeypatch.chdir(root)
+    backbone = "efficientnet_lite0"
+    images = [str(root / "data/raw/faces/face_000.png")]
+    calls = {
+        "extract": lambda: load_stage(root, "extract", monkeypatch).main([backbone, "--out", str(tmp_path / "f")]),
+        "train_head": lambda: load_stage(root, "train_head", monkeypatch).main(
+            [backbone, "gap", "--out", str(tmp_path / "h")]),
+        "finetune": lambda: load_stage(root, "finetune", monkeypatch).main([backbone, "--out", str(tmp_path / "t")]),
+        "evaluate": lambda: load_stage(root, "evaluate", monkeypatch).main(["--reports", str(tmp_path / "r")]),
+        "predict (predictor directory)": lambda: cli.main(["predict", *images, "--model", "models/champion"]),
+        "predict (registered champion)": lambda: cli.main(["predict", *images]),
+    }
+    for what, call in calls.items():
+        meta_spy.clear()
+        with pytest.raises(ReachedModel):
+            call()
+        assert len(meta_spy) == 1, what
+        module, inputs, weights = meta_spy[0]
+        assert (inputs.type, weights.type) == ("meta", "meta"), f"{what}: {module} got {inputs}, weights on {weights}"
+
+
+CENTROID_MODULE = '''"""A nearest-centroid head: the registry's example, added by a test as a user would add a head."""
+
+import numpy as np
+import scipy.special
+from pydantic import Field
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from transferlab.config import Section
+from transferlab.models.heads import persistence
+from transferlab.models.heads.registry import register_head
+
+
+class CentroidParams(Section):
+    shrink: float = Field(0.0, ge=0, le=1)
+
+
+@register_head("centroid", params=CentroidParams, reads="pooled")
+class CentroidHead(ClassifierMixin, BaseEstimator):
+    def __init__(self, shrink: float = CentroidParams().shrink):
+        self.shrink = shrink
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y)
+        self.classes_, index = np.unique(y, return_inverse=True)
+        centroids = np.stack([X[index == k].mean(axis=0) for k in range(len(self.classes_))])
+        self.centroids_ = (1 - self.shrink) * centroids + self.shrink * X.mean(axis=0)
+        self.n_params_ = int(self.centroids_.size)
+        return self
+
+    def predict_proba(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        return scipy.special.softmax(-((X[:, None] - self.centroids_[None]) ** 2).sum(axis=2), axis=1)
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def save(self, path):
+        meta = persistence.head_meta(self, n_features_in=int(self.n_features_in_))
+        persistence.save_arrays(path, {"centroids": self.centroids_}, meta)
+
+    def _restore(self, meta, path):
+        self.classes_ = np.asarray(meta["classes"])
+        self.n_features_in_ = int(meta["n_features_in"])
+        self.centroids_ = persistence.load_arrays(path)["centroids"]
+'''
+
+
+def test_a_head_added_as_a_module_and_a_params_section_trains_through_dvc_repro(
+    project: tuple[Path, dict[str, str]]
+) -> None:
+    """The two edits of README's "Adding a head", then `dvc repro`: train_head@<backbone>-centroid, evaluated."""
+    root, env = project
+    (root / "src/transferlab/models/heads/centroid.py").write_text(CENTROID_MODULE)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train_head"]["kinds"].append("centroid")
+    params["train_head"]["centroid"] = {"shrink": 0.1}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "a centroid head"], root, env)
+    # the copy's own src, as a clone installed with `pip install -e .` would import it
+    out = run(["dvc", "repro"], root, env | {"PYTHONPATH": str(root / "src")})
+    backbones = params["extract"]["backbones"]
+    assert {f"train_head@{b}-centroid" for b in backbones} <= ran_stages(out)
+    for b in backbones:
+        metrics = json.loads((root / f"models/heads/{b}/centroid/metrics.json").read_text())
+        assert metrics["val_accuracy"] > 0.5 and metrics["params_trainable"] > 0
+    table = pd.read_csv(root / "reports/comparison.csv")
+    assert {f"{b}-centroid" for b in backbones} <= set(table["model"])
+    assert "train_head@" + backbones[0] + "-centroid" in child_names(root, pipeline_runs(root)[-1].info.run_id)

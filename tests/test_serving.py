@@ -320,10 +320,14 @@ def test_signature_keeps_raw_arrays_out_but_the_unwrapped_model_takes_them(
     assert _labels(unwrapped.predict(None, batch)) == list(fresh)
 
 
-def test_log_champion_needs_its_stage_run_active(in_store: Path, predictor_dir: Path) -> None:
-    run = tracking.StageRun("not-active", "parent", "evaluate", tracking.client(in_store))
-    with pytest.raises(RuntimeError, match="not-active"):
+def test_log_champion_needs_a_running_stage_run(in_store: Path, predictor_dir: Path) -> None:
+    run = tracking.StageRun("no-such-run", "parent", "evaluate", tracking.client(in_store))
+    with pytest.raises(RuntimeError, match="needs a running stage run; no-such-run"):
         registry.log_champion(run, predictor_dir, NAME, in_store / "example.png")
+    with tracking.stage_run("evaluate", {}, in_store / "done.json", root=in_store) as finished:
+        pass
+    with pytest.raises(RuntimeError, match=f"{finished.run_id} is FINISHED"):
+        registry.log_champion(finished, predictor_dir, NAME, in_store / "example.png")
 
 
 def test_no_champion_is_a_clear_error(in_store: Path, tmp_path: Path) -> None:
@@ -439,3 +443,23 @@ def test_predict_takes_image_extensions_from_params(
                      "--params", str(params)]) == cli.EXIT_OK
     stdout = capsys.readouterr().out
     assert "b.bmp" in stdout and "a.png" not in stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_predict_device_flag_is_checked_before_any_work(
+    predictor_dir: Path, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["predict", str(folder), "--model", str(predictor_dir), "--device", "cuda"]) == cli.EXIT_USER_ERROR
+    assert "error: --device is 'cuda', but " in capsys.readouterr().err
+    assert cli.main(["predict", str(folder), "--model", str(predictor_dir), "--device", "gpu"]) == cli.EXIT_USER_ERROR
+    assert "error: --device: got 'gpu'; allowed: auto, cpu, cuda, cuda:N, mps" in capsys.readouterr().err
+    assert cli.main(["predict", str(folder), "--model", str(predictor_dir), "--device", "cpu"]) == cli.EXIT_OK
+
+
+def test_predictors_load_onto_the_device_asked_for(in_store: Path, predictor_dir: Path) -> None:
+    # meta: a device with shapes and no data, so the check runs on any machine
+    for predictor in (load_predictor(predictor_dir, "meta"),
+                      registry.load_champion(NAME, in_store, device="meta").unwrap_python_model()._predictor):
+        assert predictor.device == torch.device("meta")
+        with pytest.raises(NotImplementedError, match="meta"):  # the network ran there: nothing to copy back
+            predictor.predict_proba([Image.new("RGB", (32, 32))])

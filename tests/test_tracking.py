@@ -1,11 +1,14 @@
 import json
+import multiprocessing
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mlflow.entities import ViewType
 
 from transferlab import tracking
 
@@ -181,3 +184,39 @@ def test_live_stage_runs_are_not_marked(store: Path) -> None:
     finally:
         live.communicate("\n", timeout=60)
     assert tracking.client(store).get_run(run_id).info.status == "FINISHED"
+
+
+def _stage_at_barrier(root: str, name: str, barrier: Any) -> None:
+    os.environ["TRANSFERLAB_EXECUTION"] = "exec-race"
+    barrier.wait()
+    with tracking.stage_run(name, {}, Path(root) / f"{name}.json", root=root):
+        pass
+
+
+def test_stages_starting_at_the_same_moment_create_one_parent(store: Path) -> None:
+    tracking.open_store(store)  # the store and experiment exist, as after preflight
+    ctx = multiprocessing.get_context("spawn")
+    names = [f"stage{i}" for i in range(4)]
+    barrier = ctx.Barrier(len(names))
+    procs = [ctx.Process(target=_stage_at_barrier, args=(str(store), n, barrier)) for n in names]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * len(names)
+    parents = {json.loads((store / f"{n}.json").read_text())["parent_run_id"] for n in names}
+    assert len(parents) == 1
+    c = tracking.client(store)
+    pipelines = c.search_runs([tracking.experiment_id(store)], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+                              run_view_type=ViewType.ALL)
+    assert [r.info.run_id for r in pipelines] == list(parents)  # none created and deleted either
+
+
+def test_a_stage_run_leaves_mlflow_process_state_alone(store: Path) -> None:
+    import mlflow
+
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    with tracking.stage_run("split", {}, store / "a.json", root=store) as run:
+        assert mlflow.active_run() is None  # logged through the store's client, not the fluent run stack
+        assert tracking.client(store).get_run(run.run_id).info.status == "RUNNING"
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == before

@@ -240,19 +240,30 @@ def _registered_name(args: argparse.Namespace) -> str:
     return _params(args.params).evaluate.registered_model
 
 
+def _device(args: argparse.Namespace) -> Any:
+    """The torch device of ``--device``, else of compute.device in ``--params``; a DeviceError names which."""
+    from transferlab.device import DEFAULT_KEY, resolve_device
+
+    if args.device is not None:
+        return resolve_device(args.device, key="--device")
+    return resolve_device(_params(args.params).compute.device, key=DEFAULT_KEY)
+
+
 def _model(args: argparse.Namespace) -> Callable[[pd.DataFrame], pd.DataFrame]:
     """The model as a function from a `path` frame to the serving output frame."""
+    device = _device(args)
     if args.model == CHAMPION:
         from transferlab.serving import registry
 
         # a progress bar per artifact copy drowns the table on a terminal
         os.environ.setdefault(PROGRESS_BAR_ENV, "false")
-        return registry.load_champion(_registered_name(args), args.root).predict  # type: ignore[no-any-return]
+        champion = registry.load_champion(_registered_name(args), args.root, device)
+        return champion.predict  # type: ignore[no-any-return]
     from transferlab.serving import pyfunc as serving
     from transferlab.serving.predictor import PredictorError, load_predictor
 
     try:
-        predictor = load_predictor(args.model)
+        predictor = load_predictor(args.model, device)
     except PredictorError as exc:
         raise PredictError(f"{exc}; --model takes `{CHAMPION}` or a predictor directory") from exc
     return lambda frame: serving.classify(predictor, frame)
@@ -333,6 +344,10 @@ def _add_predict(subparsers: Any) -> None:
     predict.add_argument(
         "--registered-name", metavar="NAME",
         help=f"registered model name (default: evaluate.registered_model in --params, else {DEFAULT_REGISTERED_NAME})",
+    )
+    predict.add_argument(
+        "--device", metavar="DEVICE",
+        help="auto | cpu | cuda | cuda:N | mps (default: compute.device in --params, else auto)",
     )
     predict.add_argument("--root", type=Path, default=Path("."), help="project root holding mlruns/ (default: .)")
     predict.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help=f"default: {DEFAULT_PARAMS}")

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from transferlab.config import EvaluateParams
+from transferlab.data.images import image_loader
+from transferlab.device import autocast
 from transferlab.evaluation.metrics import evaluate_predictions, select_best
 from transferlab.models.backbones import NO_WEIGHTS, load_backbone
 from transferlab.models.features import load_part
@@ -72,34 +73,38 @@ def _score_head(ref: ModelRef, features_root: Path) -> tuple[list[str], list[str
     return list(part.labels), [str(p) for p in head.predict(X)], classes, proba
 
 
-def _load_image(path: Path, transform: Any) -> torch.Tensor:
-    with Image.open(path) as image:  # closed at once: a large test split would otherwise exhaust file handles
-        return transform(image.convert("RGB"))
-
-
-def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path,
-                     batch_size: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
+def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path, batch_size: int,
+                     device: torch.device, num_workers: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
     from transferlab.models.finetuned import load_finetuned
 
     module, meta, backbone = load_finetuned(ref.path)
+    module.to(device)
     rows = split[split["part"] == TEST]
+    items = [(images_root / p, 0) for p in rows["path"]]
     probs = []
-    for i in range(0, len(rows), batch_size):
-        batch = [_load_image(images_root / p, backbone.eval_transform) for p in rows["path"].iloc[i : i + batch_size]]
-        with torch.inference_mode():
-            probs.append(torch.softmax(module(torch.stack(batch)), dim=1).numpy())
+    with torch.inference_mode(), autocast(device):
+        for images, _ in image_loader(items, backbone.eval_transform, batch_size, device, num_workers):
+            logits = module(images.to(device, non_blocking=True)).float()  # autocast may give half precision
+            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
     proba = np.concatenate(probs).astype(np.float64)
     proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows miss 1 by ~1e-7; log loss checks
     classes = [str(c) for c in meta["classes"]]
     return list(rows["label"]), [classes[i] for i in proba.argmax(axis=1)], classes, proba
 
 
-def score(ref: ModelRef, features_root: Path, split: pd.DataFrame, images_root: Path,
-          batch_size: int) -> Scored:
+def score(ref: ModelRef, features_root: Path, split: pd.DataFrame, images_root: Path, batch_size: int,
+          device: torch.device | str = "cpu", num_workers: int = 0) -> Scored:
+    """Test predictions of one model.
+
+    A fine-tuned network runs over the test images on ``device`` (``compute.device``,
+    resolved) through the one image pipeline; a head scores the cached test
+    features, which are small arrays on the host whatever the device.
+    """
     if ref.kind == "head":
         y_true, y_pred, classes, proba = _score_head(ref, features_root)
     else:
-        y_true, y_pred, classes, proba = _score_finetuned(ref, split, images_root, batch_size)
+        y_true, y_pred, classes, proba = _score_finetuned(ref, split, images_root, batch_size,
+                                                          torch.device(device), num_workers)
     trained = json.loads((ref.path / "metrics.json").read_text())
     return Scored(ref, y_true, y_pred, classes, proba, trained)
 

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from scipy.special import softmax
 
 from transferlab.data import imaging
+from transferlab.device import autocast
 from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
 from transferlab.config import IngestParams
 from transferlab.models.heads import load_head
@@ -84,13 +85,15 @@ class Predictor:
     scores: Callable[[torch.Tensor], np.ndarray]  # batch of transformed images -> N x K
     spec: dict[str, Any]
     decoding: IngestParams = field(default_factory=IngestParams)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where ``scores`` runs
 
     def predict_proba(self, images: Sequence[Image.Image], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+        """Probabilities of decoded RGB images (:meth:`open_image`), ``batch_size`` per forward pass."""
         out = []
-        for i in range(0, len(images), batch_size):
-            batch = torch.stack([self.transform(img.convert("RGB")) for img in images[i : i + batch_size]])
-            with torch.inference_mode():
-                out.append(self.scores(batch))
+        with torch.inference_mode(), autocast(self.device):
+            for i in range(0, len(images), batch_size):
+                batch = torch.stack([self.transform(img) for img in images[i : i + batch_size]])
+                out.append(self.scores(batch.to(self.device, non_blocking=True)))
         return np.concatenate(out) if out else np.empty((0, len(self.classes)))
 
     def open_image(self, source: ImageSource | None) -> Image.Image:
@@ -98,12 +101,17 @@ class Predictor:
 
         ingest's own decoder (transferlab.data.imaging, shared with ingest) does
         the work, so training and serving cannot drift apart. An already decoded
-        PIL image is taken as it is.
+        PIL image is only converted to RGB.
+
+        Sources are decoded here, one by one in this process, rather than by the
+        DataLoader of :mod:`transferlab.data.images`: a served batch mixes paths,
+        bytes and arrays, and one bad source must become one error row, not a
+        failed batch.
         """
         if source is None:
             raise TypeError("no image given (neither a path nor image bytes)")
         if isinstance(source, Image.Image):
-            return source
+            return source if source.mode == "RGB" else source.convert("RGB")
         if isinstance(source, np.ndarray):
             source = array_to_png(source)
         elif isinstance(source, (str, os.PathLike)):
@@ -155,7 +163,7 @@ def array_to_png(array: np.ndarray) -> bytes:
 
 def _head_scores(backbone: Backbone, head: Any) -> Callable[[torch.Tensor], np.ndarray]:
     def scores(batch: torch.Tensor) -> np.ndarray:
-        maps = backbone.forward_features(batch).numpy()
+        maps = backbone.forward_features(batch).float().cpu().numpy()  # the head works on host arrays
         if hasattr(head, "predict_proba"):
             return np.asarray(head.predict_proba(maps))
         return _margin_softmax(np.asarray(head.decision_function(maps)))
@@ -173,7 +181,7 @@ def _margin_softmax(decision: np.ndarray) -> np.ndarray:
 
 def _module_scores(module: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
     def scores(batch: torch.Tensor) -> np.ndarray:
-        return torch.softmax(module(batch), dim=1).numpy()
+        return torch.softmax(module(batch).float(), dim=1).cpu().numpy()
 
     return scores
 
@@ -250,15 +258,22 @@ def _load_head_backbone(path: Path, spec: Mapping[str, Any]) -> Backbone:
     return backbone
 
 
-def load_predictor(path: str | Path) -> Predictor:
-    path = Path(path)
+def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Predictor:
+    """The predictor saved in directory ``path``, its network on ``device`` (a resolved torch device).
+
+    The saved tensors load on the host first, so a predictor written on one
+    device loads on any other.
+    """
+    path, device = Path(path), torch.device(device)
     spec = read_spec(path)
     decoding = _decoding(spec)
     if spec["kind"] == "finetune":
         from transferlab.models.finetuned import load_finetuned
 
         module, _, backbone = load_finetuned(path)
-        return Predictor(list(spec["classes"]), backbone.eval_transform, _module_scores(module.eval()), spec, decoding)
-    backbone = _load_head_backbone(path, spec)
-    head = load_head(path / HEAD_FILE)
-    return Predictor(list(spec["classes"]), backbone.eval_transform, _head_scores(backbone, head), spec, decoding)
+        scores = _module_scores(module.eval().to(device))
+    else:
+        backbone = _load_head_backbone(path, spec)
+        backbone.module.eval().to(device)
+        scores = _head_scores(backbone, load_head(path / HEAD_FILE))
+    return Predictor(list(spec["classes"]), backbone.eval_transform, scores, spec, decoding, device)

@@ -48,6 +48,7 @@ PROBABILITY = "probability"
 ERROR = "error"
 PROBA_PREFIX = "p_"
 PREDICTOR_ARTIFACT = "predictor"  # key of the predictor directory in the pyfunc's artifacts
+DEVICE_CONFIG = "device"  # model_config key: the torch device the loaded pyfunc runs on
 BATCH_NDIM = 4  # N x H x W x C
 
 ModelInput = Union[pd.DataFrame, pd.Series, np.ndarray, Sequence[ImageSource], str, os.PathLike[str], bytes]
@@ -133,7 +134,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         self._predictor: Predictor | None = None
 
     def load_context(self, context: Any) -> None:
-        self._predictor = load_predictor(context.artifacts[PREDICTOR_ARTIFACT])
+        # `mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})` picks the device at load time
+        config = getattr(context, "model_config", None) or {}
+        self._predictor = load_predictor(context.artifacts[PREDICTOR_ARTIFACT], config.get(DEVICE_CONFIG, "cpu"))
 
     # The hint stays pd.DataFrame, what the signature lets through: MLflow reads
     # predict's type hints and warns about (or validates against) anything else.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferlab.errors import UserError
-from transferlab.tracking.runs import StageRun
+from transferlab.tracking.runs import RUNNING, StageRun
 from transferlab.tracking.store import STORE_DIR, open_store, project_root, store_missing
 
+if TYPE_CHECKING:
+    import torch
 
 CHAMPION_ALIAS = "champion"
 LOGGED_MODEL_NAME = "model"  # the pyfunc's name inside the evaluate run
@@ -18,7 +20,7 @@ TAG_CHAMPION = "transferlab.champion"
 # requirement inference, which loads the model again in a subprocess.
 SERVING_DISTRIBUTIONS = (
     "mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "scipy", "scikit-learn",
-    "safetensors", "pyyaml", "tqdm",
+    "safetensors", "pyyaml", "pydantic", "tqdm",
 )
 MODEL_METADATA_KEYS = ("kind", "backbone", "weights", "classes")
 
@@ -66,19 +68,32 @@ def log_champion(run: StageRun, predictor_dir: Path, registered_name: str, input
     example (MLflow checks at log time that the model serves it). Returns the
     new model version.
     """
-    import mlflow
+    import mlflow.pyfunc
     import pandas as pd
+    from mlflow.models import Model
 
     import transferlab
     from transferlab.serving import pyfunc as serving
     from transferlab.serving.predictor import read_spec
 
-    active = mlflow.active_run()
-    if active is None or active.info.run_id != run.run_id:
-        raise RuntimeError(f"log_champion needs stage run {run.run_id} active (tracking.stage_run starts it)")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        stage = run._client.get_run(run.run_id).info
+    except MlflowException as err:
+        raise RuntimeError(f"log_champion needs a running stage run; {run.run_id}: {err.message}") from err
+    if stage.status != RUNNING:
+        raise RuntimeError(f"log_champion needs a running stage run; {run.run_id} is {stage.status}")
     spec = read_spec(predictor_dir)
-    info = mlflow.pyfunc.log_model(
+    # What mlflow.pyfunc.log_model does, told the run and its experiment instead of reading MLflow's
+    # fluent active run: the logged model is created in the stage run's experiment, then filled.
+    logged = run._client.create_logged_model(stage.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run.run_id)
+    info = Model.log(
+        None,  # artifact_path: deprecated, but still a required positional of Model.log
         name=LOGGED_MODEL_NAME,
+        flavor=mlflow.pyfunc,
+        run_id=run.run_id,
+        model_id=logged.model_id,
         python_model=serving.ImageClassifier(),
         artifacts={serving.PREDICTOR_ARTIFACT: str(predictor_dir)},
         # the package travels with the model: it loads with the code it was logged with
@@ -87,6 +102,8 @@ def log_champion(run: StageRun, predictor_dir: Path, registered_name: str, input
         input_example=pd.DataFrame({serving.IMAGE: [Path(input_example_image).read_bytes()]}),
         pip_requirements=serving_requirements(),
         metadata={key: spec.get(key) for key in MODEL_METADATA_KEYS},
+        # declared at log time so that load_model(..., model_config={"device": ...}) may override it
+        model_config={serving.DEVICE_CONFIG: "cpu"},
         registered_model_name=registered_name,
     )
     version = str(info.registered_model_version)
@@ -95,8 +112,8 @@ def log_champion(run: StageRun, predictor_dir: Path, registered_name: str, input
     return version
 
 
-def load_champion(registered_name: str, root: str | Path = ".") -> Any:
-    """The pyfunc registered as ``models:/<registered_name>@champion`` in the project's store."""
+def load_champion(registered_name: str, root: str | Path = ".", device: torch.device | str = "cpu") -> Any:
+    """The pyfunc registered as ``models:/<registered_name>@champion`` in the project's store, run on ``device``."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -110,4 +127,7 @@ def load_champion(registered_name: str, root: str | Path = ".") -> Any:
         raise ChampionNotFoundError(
             f"no model registered as {registered_name}@{CHAMPION_ALIAS} in {store.registry_uri}: {hint}"
         ) from err
-    return mlflow.pyfunc.load_model(f"models:/{registered_name}@{CHAMPION_ALIAS}")
+    from transferlab.serving.pyfunc import DEVICE_CONFIG
+
+    return mlflow.pyfunc.load_model(f"models:/{registered_name}@{CHAMPION_ALIAS}",
+                                    model_config={DEVICE_CONFIG: str(device)})

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 BATCH = 1000  # MLflow's documented per-request limit for metrics in log_batch
 PARAMS_PER_BATCH = 100  # MLflow's per-request limit for params in log_batch
 PARAM_CHARS = 6000  # MLflow's limit on a param value's length
+PARENT_LOCK_TIMEOUT_S = 60  # finding or creating a parent takes a few requests; a held lock this long is stuck
 
 
 def stable_hash(obj: Any) -> str:
@@ -87,23 +89,34 @@ def _first(runs: list[Any]) -> Any:
     return min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
+def _parent_lock(store: Store, key: str) -> Any:
+    """A lock file per (store, execution) in the system's temp folder, shared by every stage on this host.
+
+    The stages of one execution run on one machine (DVC launches them), so a
+    host-wide lock is enough to make finding-or-creating the parent atomic, for
+    a local store and for a server alike.
+    """
+    from filelock import FileLock
+
+    name = f"transferlab-parent-{stable_hash([store.uri, store.experiment_id, key])}.lock"
+    return FileLock(Path(tempfile.gettempdir()) / name, timeout=PARENT_LOCK_TIMEOUT_S)
+
+
 def parent_run(store: Store, root: str | Path, key: str) -> str:
     """Id of the pipeline run for this execution, created on first use.
 
-    Two stages that start at the same moment may both create one; both then
-    keep the earliest and the other is deleted, so one parent remains.
+    Finding and creating happen under one lock, so two stages that start at
+    the same moment (queued experiments, parallel ``dvc exp run``) find or
+    create one parent between them, never two.
     """
-    found = _parents(store, key)
-    if found:
-        return str(_first(found).info.run_id)
-    tags = _base_tags(root, key) | {TAG_KIND: KIND_PIPELINE} | _owner_tags()
-    run = store.client.create_run(store.experiment_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                  tags=tags)
+    with _parent_lock(store, key):
+        found = _parents(store, key)
+        if found:
+            return str(_first(found).info.run_id)
+        tags = _base_tags(root, key) | {TAG_KIND: KIND_PIPELINE} | _owner_tags()
+        run = store.client.create_run(store.experiment_id,
+                                      run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags)
     mine = str(run.info.run_id)
-    winner = str(_first(_parents(store, key)).info.run_id)
-    if winner != mine:
-        store.client.delete_run(mine)
-        return winner
     params_file = Path(root) / "params.yaml"
     if params_file.exists():  # the whole params.yaml on the parent: executions compare even when few stages ran
         _log_params(store.client, mine, _flatten(read_yaml(params_file) or {}))
@@ -226,25 +239,24 @@ def stage_run(stage: str, params: Mapping[str, Any], record: str | Path, root: s
     ``record``, a declared output of the stage, so outputs restored from the DVC
     cache still name the run that produced them.
     """
-    import mlflow
-
     store = store or open_store(root)
     key = execution_key(root)
     parent = parent_run(store, root, key)
     mark_orphans(store, keep=frozenset({parent}))
     tags = _base_tags(root, key) | _owner_tags() | {
-        TAG_KIND: KIND_STAGE, TAG_STAGE: stage, TAG_PARAMS_HASH: stable_hash(dict(params)),
+        TAG_KIND: KIND_STAGE, TAG_STAGE: stage, TAG_PARAMS_HASH: stable_hash(dict(params)), TAG_PARENT: parent,
     }
-    run = mlflow.start_run(run_name=stage, experiment_id=store.experiment_id, parent_run_id=parent, tags=tags)
+    # the store's own client, not MLflow's fluent run stack: nothing process-wide changes per stage
+    run = store.client.create_run(store.experiment_id, run_name=stage, tags=tags)
     handle = StageRun(str(run.info.run_id), parent, stage, store.client)
     try:
         handle.log_params(params)
         yield handle
     except BaseException:
-        mlflow.end_run(status=FAILED)
+        store.client.set_terminated(handle.run_id, status=FAILED)
         store.client.set_terminated(parent, status=FAILED)
         raise
-    mlflow.end_run(status=FINISHED)
+    store.client.set_terminated(handle.run_id, status=FINISHED)
     store.client.set_terminated(parent, status=FINISHED)  # moves the parent's end time along
     info = {"stage": stage, "run_id": handle.run_id, "parent_run_id": parent, "experiment_id": store.experiment_id,
             "tracking_uri": store.uri, "execution_key": key}

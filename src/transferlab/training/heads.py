@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import log_loss
 
 from transferlab.io import atomic_path, atomic_write_json
@@ -57,12 +58,18 @@ def _takes_eval_set(head: Any) -> bool:
     return "eval_set" in inspect.signature(head.fit).parameters
 
 
-def fit_head(kind: str, params: Any, store: Path) -> tuple[Any, dict[str, Any], pd.DataFrame]:
+def fit_head(kind: str, params: Any, store: Path,
+             device: torch.device | str = "cpu") -> tuple[Any, dict[str, Any], pd.DataFrame]:
     """Fit head ``kind`` with ``params`` (its spec's params model) on ``store``.
+
+    A head whose estimator takes a ``device`` param (the torch heads) trains on
+    ``device``; the others (the SVM) run on the host.
 
     Returns the fitted head, its metrics (train/val only) and its curve.
     """
     head = registry.make_head(kind, params.model_dump())
+    if "device" in head.get_params(deep=False):
+        head.set_params(device=str(device))
     need_maps = registry.spec(kind).reads_maps
     train = load_part(store, "train", need_maps)
     val = load_part(store, "val", need_maps)
@@ -134,13 +141,13 @@ class HeadResult:
     curve: pd.DataFrame
 
 
-def train_head(kind: str, params: Any, store: Path, out: Path) -> HeadResult:
+def train_head(kind: str, params: Any, store: Path, out: Path, device: torch.device | str = "cpu") -> HeadResult:
     """The train_head job: fit head ``kind`` on feature store ``store``; write its outputs into ``out``.
 
     ``params`` is the head's validated section (``config.load(...).train_head.head(kind)``).
     Writes ``model.safetensors`` (+ ``.json``), ``metrics.json`` and ``curve.csv``.
     """
     check_data(kind, params, store)
-    head, metrics, curve = fit_head(kind, params, store)
+    head, metrics, curve = fit_head(kind, params, store, device)
     write_outputs(head, metrics, curve, out, out / METRICS_FILE, out / CURVE_FILE)
     return HeadResult(head, metrics, curve)

@@ -87,6 +87,9 @@ class TrainResult:
     best_epoch: int
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
+
+
 def batches(
     X: NDArray[Any], order: NDArray[np.int64], batch_size: int
 ) -> Iterator[tuple[NDArray[np.int64], torch.Tensor]]:
@@ -116,8 +119,12 @@ def train_module(
     cfg: TrainConfig,
     class_weight: NDArray[np.float64] | None = None,
     eval_set: tuple[NDArray[Any], NDArray[np.int64]] | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train ``module`` in place with AdamW and early stopping; restore the best epoch.
+
+    With ``device`` the module trains there (batches move there one at a time)
+    and comes back to the host, best weights loaded, when training ends.
 
     The monitored quantity is the validation loss when ``eval_set`` is given,
     else the epoch's running training loss. Training stops after ``patience``
@@ -128,9 +135,12 @@ def train_module(
     seeds (see ``_TorchHead.fit``).
     """
     generator = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(device or "cpu")
+    module.to(device)
     # fused: one kernel per step instead of a Python loop over tensors, several times faster on CPU
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in FUSED_DEVICES)
+    weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32, device=device)
     y_t = torch.from_numpy(y)
 
     def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
@@ -144,10 +154,11 @@ def train_module(
         X_val, y_val = eval_set[0], torch.from_numpy(eval_set[1])
         val_batches = lambda: _labelled(X_val, y_val, np.arange(len(X_val)), cfg.batch_size)  # noqa: E731
     monitor = Monitor("train_loss" if eval_set is None else "val_loss")
-    state = run(Loop(module, optimizer, loss_fn, train_batches, val_batches, monitor, cfg.max_epochs, cfg.patience))
+    state = run(Loop(module, optimizer, loss_fn, train_batches, val_batches, monitor, cfg.max_epochs, cfg.patience,
+                     device=device))
     best = best_state(state)
     if best is None:
         raise RuntimeError("training diverged: the monitored loss was never finite; try a lower lr")
     module.load_state_dict(best)
-    module.eval()
+    module.to("cpu").eval()
     return TrainResult(history=state.history, best_epoch=state.best_epoch)

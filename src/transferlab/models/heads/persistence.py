@@ -47,8 +47,11 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+EXECUTION_PARAMS = ("device",)  # where a head ran, not what it learned: a saved head loads anywhere
+
+
 def saved_params(estimator: BaseEstimator) -> dict[str, Any]:
-    params = {k: plain(v) for k, v in estimator.get_params(deep=False).items()}
+    params = {k: plain(v) for k, v in estimator.get_params(deep=False).items() if k not in EXECUTION_PARAMS}
     if not (params.get("random_state") is None or isinstance(params["random_state"], int)):
         # A RandomState object cannot be stored; the saved weights do not need it.
         params["random_state"] = None

@@ -58,6 +58,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     frequency in the training labels; the validation loss uses the same weights.
     ``random_state`` seeds init, dropout and shuffling; reruns with the same int
     are bit-identical on CPU (for a given torch build and thread count).
+    ``device`` (a torch device string, ``compute.device`` resolved) is where
+    training runs; the fitted module then lives on the host, where it is saved,
+    copied for a warm start and used to predict on cached features. Being where
+    it ran, not what was learned, ``device`` is not saved with the head.
 
     Fitted attributes: ``classes_``, ``n_features_in_`` (C), ``input_shape_``
     ``(C, H, W)``, ``module_`` (use :meth:`torch_module`), ``n_params_``
@@ -75,6 +79,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     class_weight: str | None
     dropout: float
     random_state: Any
+    device: str
 
     @abstractmethod
     def _build_module(self, input_shape: tuple[int, int, int], n_classes: int) -> nn.Module: ...
@@ -127,7 +132,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             module = self._build_module(self.input_shape_, len(self.classes_))
-            result = train_module(module, X, y_idx, cfg, weights, val)
+            result = train_module(module, X, y_idx, cfg, weights, val, device=torch.device(self.device))
         self._set_module(module)
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
@@ -212,6 +217,7 @@ class LinearHead(_TorchHead):
         patience: int = _LINEAR.patience,
         class_weight: str | None = _LINEAR.class_weight,
         random_state: Any = _LINEAR.random_state,
+        device: str = "cpu",
     ) -> None:
         self.hidden = hidden
         self.dropout = dropout
@@ -222,6 +228,7 @@ class LinearHead(_TorchHead):
         self.patience = patience
         self.class_weight = class_weight
         self.random_state = random_state
+        self.device = device
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -254,6 +261,7 @@ class GapHead(_TorchHead):
         patience: int = _GAP.patience,
         class_weight: str | None = _GAP.class_weight,
         random_state: Any = _GAP.random_state,
+        device: str = "cpu",
     ) -> None:
         self.dropout = dropout
         self.lr = lr
@@ -263,6 +271,7 @@ class GapHead(_TorchHead):
         self.patience = patience
         self.class_weight = class_weight
         self.random_state = random_state
+        self.device = device
 
     def _build_module(self, input_shape: tuple[int, int, int], n_classes: int) -> nn.Module:
         return GapNet(input_shape[0], n_classes, float(self.dropout))
