@@ -67,8 +67,28 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
 
 
 def _extract_process(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True)
-            if any("pipeline/extract.py" in part for part in p.cmdline())]
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:  # a short-lived child (git, a shell) may exit or be a zombie between listing and reading
+            if any("pipeline/extract.py" in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:  # ZombieProcess is one
+            continue
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Leave no `dvc repro` behind holding the project's lock for the next test."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
 
 
 def test_killed_extract_leaves_no_debris_and_no_running_run(project: tuple[Path, dict[str, str]]) -> None:
@@ -76,18 +96,22 @@ def test_killed_extract_leaves_no_debris_and_no_running_run(project: tuple[Path,
     features = root / "data" / "features"
     proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + KILL_WAIT_S
-    temps: list[Path] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        temps = [p for p in features.glob(".efficientnet_lite0.*") if p.is_dir() and any(p.iterdir())]
-        if temps:
-            break
-        time.sleep(0.2)
-    stage = _extract_process(proc)
-    assert temps and stage, "extract never started writing its feature store"
-    for p in stage:
-        p.kill()  # SIGKILL: no cleanup, as when a machine dies
-    proc.wait()
+    try:
+        deadline = time.monotonic() + KILL_WAIT_S
+        temps: list[Path] = []
+        stage: list[psutil.Process] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            temps = [p for p in features.glob(".efficientnet_lite0.*") if p.is_dir() and any(p.iterdir())]
+            stage = _extract_process(proc) if temps else []
+            if stage:
+                break
+            time.sleep(0.2)
+        assert temps and stage, "extract never started writing its feature store"
+        for p in stage:
+            p.kill()  # SIGKILL: no cleanup, as when a machine dies
+        proc.wait(timeout=KILL_WAIT_S)
+    finally:
+        _kill_tree(proc)
     assert proc.returncode != 0
     assert any(p.exists() for p in temps)  # the precondition: debris is there
     c, exp = tracking.client(root), tracking.experiment_id(root)
