@@ -146,6 +146,36 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
         assert (actual / rel).read_bytes() == (expected / rel).read_bytes(), rel
 
 
+def stage_processes(proc: subprocess.Popen, script: str) -> list["psutil.Process"]:
+    """The descendants of ``proc`` (a ``dvc repro``) running ``script``, e.g. ``pipeline/extract.py``."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:  # a short-lived child (git, a shell) may exit or be a zombie between listing and reading
+            if any(script in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:  # ZombieProcess is one
+            continue
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and its descendants: no `dvc repro` outlives a test holding the project's lock."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
 # project copies: shared with the benchmarks, which never import test code
 from projects import (  # noqa: E402,F401 - re-exported for the tests
     HYMENOPTERA_CANDIDATES, PROJECT_ROOT, VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env,

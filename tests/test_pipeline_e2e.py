@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import copy_project, project_env
+from helpers import copy_project, kill_tree, project_env, stage_processes
 from transferlab import cli, tracking
 from transferlab import device as device_module
 from transferlab.training import finetune as finetune_training
@@ -183,8 +183,6 @@ def test_experiment_then_compare_shows_both_executions(project: tuple[Path, dict
 
 
 def test_killed_finetune_resumes_on_next_repro(project: tuple[Path, dict[str, str]]) -> None:
-    import psutil
-
     root, env = project
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["finetune"]["lr"] /= 2  # a new setting: the stage trains from scratch
@@ -192,17 +190,19 @@ def test_killed_finetune_resumes_on_next_repro(project: tuple[Path, dict[str, st
     proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if re.search(r"finetune@\S+ epoch 1/", line):
-            break  # epoch 1 finished and checkpointed; epoch 2 is starting
-    else:
-        pytest.fail("finetune never finished its first epoch")
-    stage = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if any("pipeline/finetune.py" in part for part in p.cmdline())]
-    assert stage, "the finetune stage process was not found"
-    for p in stage:
-        p.kill()  # SIGKILL: no cleanup, as when a machine dies
-    proc.communicate()
+    try:
+        for line in proc.stdout:
+            if re.search(r"finetune@\S+ epoch 1/", line):
+                break  # epoch 1 finished and checkpointed; epoch 2 is starting
+        else:
+            pytest.fail("finetune never finished its first epoch")
+        stage = stage_processes(proc, "pipeline/finetune.py")
+        assert stage, "the finetune stage process was not found"
+        for p in stage:
+            p.kill()  # SIGKILL: no cleanup, as when a machine dies
+        proc.communicate()
+    finally:
+        kill_tree(proc)
     assert proc.returncode != 0
     out = run(["dvc", "repro"], root, env)
     assert re.search(r"resuming finetune@\S+ from checkpoint: epoch 1 of \d+ finished", out), out

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from helpers import copy_project, project_env
+from helpers import copy_project, kill_tree, project_env, stage_processes
 from transferlab import tracking
 from transferlab.data.sources import write_digits
 
@@ -66,31 +66,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     return dest, env
 
 
-def _extract_process(proc: subprocess.Popen) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:  # a short-lived child (git, a shell) may exit or be a zombie between listing and reading
-            if any("pipeline/extract.py" in part for part in child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:  # ZombieProcess is one
-            continue
-    return found
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Leave no `dvc repro` behind holding the project's lock for the next test."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
-
-
 def test_killed_extract_leaves_no_debris_and_no_running_run(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
     features = root / "data" / "features"
@@ -102,7 +77,7 @@ def test_killed_extract_leaves_no_debris_and_no_running_run(project: tuple[Path,
         stage: list[psutil.Process] = []
         while time.monotonic() < deadline and proc.poll() is None:
             temps = [p for p in features.glob(".efficientnet_lite0.*") if p.is_dir() and any(p.iterdir())]
-            stage = _extract_process(proc) if temps else []
+            stage = stage_processes(proc, "pipeline/extract.py") if temps else []
             if stage:
                 break
             time.sleep(0.2)
@@ -111,7 +86,7 @@ def test_killed_extract_leaves_no_debris_and_no_running_run(project: tuple[Path,
             p.kill()  # SIGKILL: no cleanup, as when a machine dies
         proc.wait(timeout=KILL_WAIT_S)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     assert proc.returncode != 0
     assert any(p.exists() for p in temps)  # the precondition: debris is there
     c, exp = tracking.client(root), tracking.experiment_id(root)
