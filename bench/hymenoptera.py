@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +21,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-from projects import VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env, split_as_published  # noqa: E402
+from projects import (  # noqa: E402
+    VAL_FROM_TRAIN, copy_project, find_hymenoptera, machine, project_env, split_as_published, write_section,
+)
 
 SECTION = "hymenoptera"
 REFERENCE = {"ResNet-18 frozen + linear (PyTorch tutorial)": 0.948, "ResNet-18 fine-tuned (tutorial)": 0.935}
@@ -42,12 +41,6 @@ def configure(project: Path, strategy: str) -> dict:
     params["finetune"]["strategy"] = strategy
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
 def section(project: Path, params: dict, seconds: float) -> str:
@@ -76,22 +69,6 @@ def section(project: Path, params: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    from transferlab.io import atomic_write_text
-
-    path = ROOT / "BENCHMARKS.md"
-    start, end = f"<!-- bench:{SECTION}:start -->", f"<!-- bench:{SECTION}:end -->"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in current:
-        head, rest = current.split(start, 1)
-        current = head + block + rest.split(end, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(path, current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", default="last_blocks", choices=["head_only", "last_blocks", "full"])
@@ -109,7 +86,7 @@ def main() -> None:
     started = time.perf_counter()
     print(sh(["dvc", "repro"], project, env)[-3000:])
     text = section(project, params, time.perf_counter() - started)
-    write_section(text)
+    write_section(SECTION, text)
     print(text)
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)

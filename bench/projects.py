@@ -9,6 +9,7 @@ benchmarks never import test code; the tests import it from here (pytest's
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -69,3 +70,29 @@ def split_as_published(params: dict) -> dict:
     params["split"]["folders"] = {"val": "test"}
     params["split"]["ratios"] = {"train": 1 - VAL_FROM_TRAIN, "val": VAL_FROM_TRAIN, "test": 0.0}
     return params
+
+
+def machine() -> str:
+    """The CPU model, core count, Python and OS, for the line that says where figures were measured."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def write_section(section: str, text: str) -> None:
+    """Replace (or append) the ``<!-- bench:<section>:start/end -->`` block of BENCHMARKS.md, atomically."""
+    sys.path.insert(0, str(PROJECT_ROOT / "src"))
+    from transferlab.io import atomic_write_text
+
+    path = PROJECT_ROOT / "BENCHMARKS.md"
+    start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in current:
+        head, rest = current.split(start, 1)
+        current = head + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, current)

@@ -429,7 +429,7 @@ def test_estimator_defaults_are_the_params_models_defaults(kind: str) -> None:
 
 def test_builtin_specs() -> None:
     assert registry.names() == ("linear", "gap", "svm")
-    assert [s.reads for s in registry.specs()] == ["maps", "maps", "pooled"]
+    assert [s.reads for s in registry.specs()] == ["maps", "pooled", "pooled"]
     assert [s.name for s in registry.specs() if s.warm_start is not None] == ["gap", "svm"]
     assert LinearHead().lr == config.LinearHeadParams().lr == 3e-5 and SvmHead().calibrate is True
 
@@ -576,8 +576,8 @@ def test_a_registered_head_validates_and_trains_through_the_train_head_job(toy: 
     assert isinstance(loaded, ToyHead) and loaded.get_params() == result.head.get_params()
     val = load_part(store, "val", need_maps=False)
     np.testing.assert_array_equal(loaded.predict_proba(val.pooled), result.head.predict_proba(val.pooled))
-    with pytest.raises(FileNotFoundError, match=r"heads that read maps \(linear, gap\).*pooled vectors \(svm, toy\)"):
-        train_head("gap", config.GapHeadParams(), store, tmp_path / "gap")
+    with pytest.raises(FileNotFoundError, match=r"heads that read maps \(linear\).*pooled vectors \(gap, svm, toy\)"):
+        train_head("linear", config.LinearHeadParams(), store, tmp_path / "linear")
 
 
 def test_an_unregistered_head_is_gone_everywhere(tmp_path: Path) -> None:
@@ -593,3 +593,30 @@ def test_registering_another_estimator_under_a_taken_name_fails() -> None:
     with pytest.raises(ValueError, match="reads 'vectors'"):
         register_head("toy2", params=ToyParams, reads="vectors")(ToyHead)
     assert registry.spec("gap").estimator_class() is GapHead
+
+
+def test_gap_trained_on_pooled_vectors_is_gap_trained_on_maps() -> None:
+    """Pooling once before training gives the head the per-batch pooling inside the net would have given."""
+    from transferlab.models.heads.nets import train_module
+
+    X, y = make_maps(120, seed=3)
+    X_val, y_val = make_maps(40, seed=4)
+    head = fast_head("gap")
+    on_pooled = fit(fast_head("gap"), (X.mean(axis=(2, 3)), y), eval_set=(X_val.mean(axis=(2, 3)), y_val))
+    on_maps = fit(head, (X, y), eval_set=(X_val, y_val))
+    # the former way: the net pools every batch of maps, every epoch
+    classes, index = np.unique(y, return_inverse=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = head._build_module(X.shape[1:], len(classes))
+        train_module(net, X.astype(np.float32), index, head._train_config(), None,
+                     (X_val.astype(np.float32), np.searchsorted(classes, y_val)))
+    net.eval()
+    former = scipy.special.softmax(net(torch.from_numpy(X_val.astype(np.float32))).detach().double().numpy(), axis=1)
+    for trained in (on_pooled, on_maps):
+        # float32 pooling per batch vs once in float64: rounding apart, after 30 epochs of AdamW
+        for name, tensor in net.state_dict().items():
+            torch.testing.assert_close(trained.torch_module().state_dict()[name], tensor, atol=1e-3, rtol=1e-2)
+        np.testing.assert_allclose(trained.predict_proba(X_val), former, atol=1e-3)
+        assert (trained.predict(X_val) == classes[former.argmax(axis=1)]).all()
+    assert on_maps.cam(X_val).shape == (40, len(classes), SIDE, SIDE)  # cam still works on maps

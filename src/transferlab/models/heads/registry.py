@@ -260,7 +260,9 @@ def parse_sections(raw: Mapping[str, Any], section: str = "train_head") -> dict[
 # The built-in heads, in tie-break order. Declared by name so that nothing here imports torch.
 register_head("linear", params=LinearHeadParams, reads="maps",
               estimator="transferlab.models.heads.torch_heads:LinearHead")
-register_head("gap", params=GapHeadParams, reads="maps",
+# gap reads the pooled vectors: pooling then a linear layer is the same function as a linear layer on
+# the pooled vectors extract caches, at 1/(H x W) of the cost (its cam() still takes maps)
+register_head("gap", params=GapHeadParams, reads="pooled",
               estimator="transferlab.models.heads.torch_heads:GapHead",
               warm_start="transferlab.models.heads.torch_heads:linear_from_gap")
 register_head("svm", params=SvmHeadParams, reads="pooled",

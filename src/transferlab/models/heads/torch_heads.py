@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from transferlab.config import GapHeadParams, LinearHeadParams
 from transferlab.models.heads.common import (
-    FLOAT_DTYPES, as_maps, check, check_class_weight, check_int, encode_known, encode_labels, is_number, seed_from,
+    FLOAT_DTYPES, as_maps, check, check_class_weight, check_int, encode_known, encode_labels, is_number, pool,
+    seed_from,
 )
 from transferlab.models.heads.nets import GapNet, LinearNet, TrainConfig, batches, predict_logits, train_module
 from transferlab.models.heads.persistence import head_meta, write_pair
@@ -87,6 +88,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     @abstractmethod
     def _check_shape(self, shape: tuple[int, ...]) -> None: ...
 
+    def _training_input(self, X: NDArray[Any]) -> NDArray[Any]:
+        """What the module trains on, from validated maps: the maps themselves unless a head can do with less."""
+        return X
+
     def _check_params(self) -> None:
         """Raise ParamsError naming the param and its allowed values."""
         check(is_number(self.lr) and self.lr > 0, f"lr: got {self.lr!r}; allowed: a number > 0")
@@ -121,10 +126,11 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         X = as_maps(X)
         self.classes_, y_idx = encode_labels(y)
         self.input_shape_ = tuple(int(d) for d in X.shape[1:])
+        X = self._training_input(X)
         val = None
         if eval_set is not None:
             X_val, y_val = eval_set
-            val = (self._validated(X_val), encode_known(self.classes_, y_val))
+            val = (self._training_input(self._validated(X_val)), encode_known(self.classes_, y_val))
         weights = self._class_weights(y_idx)
         cfg = self._train_config()
         # fork_rng keeps the caller's global torch RNG untouched while init and
@@ -248,7 +254,9 @@ class GapHead(_TorchHead):
     """Global average pooling of the maps, then one linear softmax layer.
 
     Pooling makes it independent of H, W: predicting only needs the same ``C``.
-    :meth:`cam` gives class activation maps from the fc weights.
+    It fits on maps ``(N, C, H, W)`` or on pooled vectors ``(N, C)`` alike (the
+    pipeline gives it the pooled vectors extract caches); maps are pooled once
+    before training. :meth:`cam` gives class activation maps from the fc weights.
     """
 
     def __init__(
@@ -275,6 +283,11 @@ class GapHead(_TorchHead):
 
     def _build_module(self, input_shape: tuple[int, int, int], n_classes: int) -> nn.Module:
         return GapNet(input_shape[0], n_classes, float(self.dropout))
+
+    def _training_input(self, X: NDArray[Any]) -> NDArray[Any]:
+        # Pool once, before the epochs: (N, C, H, W) -> (N, C, 1, 1). The net's own pooling of a 1 x 1 map
+        # is the identity, so every epoch costs the same whatever H x W the backbone's maps have.
+        return X if X.shape[2:] == (1, 1) else as_maps(pool(X).astype(np.float32))
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         # validate_data already compared C with n_features_in_; H, W may differ.
