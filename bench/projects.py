@@ -15,6 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from transferlab.io import atomic_write_text
+
 # Identity used for commits in temporary repos, so tests work on a fresh CI
 # machine without a global git identity.
 GIT_IDENTITY = {
@@ -72,6 +77,44 @@ def split_as_published(params: dict) -> dict:
     return params
 
 
+# Twelve distinct photos bundled with scikit-image (no download): one class each.
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "immunohistochemistry", "moon", "rocket")
+CROP_SIDE = (0.3, 0.8)  # a crop's side as a share of the photo's shorter side
+CROP_PIXELS = (160, 320)  # the saved crop's side in pixels, drawn per image
+JITTER = 0.25  # brightness factor drawn in 1 +/- JITTER
+NOISE_STD = 6.0  # grey levels of Gaussian noise added to every pixel
+
+
+def photo_classes(dest: Path, per_class: int, classes: int = len(PHOTOS), seed: int = 0,
+                  size: tuple[int, int] | None = None) -> dict[str, int]:
+    """A real-photo dataset of ``classes`` classes at ``dest/<photo>/<i>.jpg``: random crops of one photo each.
+
+    Crops of different sizes and places, flipped, brightness-jittered and noisy,
+    so an ImageNet backbone's features of one class vary as photos do (they are
+    low-rank and correlated, unlike synthetic noise). Saved as ``size`` (width,
+    height), else a square side drawn in ``CROP_PIXELS``. Deterministic for a seed.
+    """
+    from skimage import data as photos
+
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS[:classes]:
+        image = np.asarray(getattr(photos, name)())
+        image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        height, width = image.shape[:2]
+        for i in range(per_class):
+            side = int(min(height, width) * rng.uniform(*CROP_SIDE))
+            top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+            crop = image[top:top + side, left:left + side].astype(np.float64)
+            crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+            crop = crop * rng.uniform(1 - JITTER, 1 + JITTER) + rng.normal(0, NOISE_STD, crop.shape)
+            pixels = int(rng.integers(CROP_PIXELS[0], CROP_PIXELS[1] + 1))
+            out = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).resize(size or (pixels, pixels))
+            out.save(dest / name / f"{i:05d}.jpg", quality=90)
+    return {name: per_class for name in PHOTOS[:classes]}
+
+
 def machine() -> str:
     """The CPU model, core count, Python and OS, for the line that says where figures were measured."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -83,9 +126,6 @@ def machine() -> str:
 
 def write_section(section: str, text: str) -> None:
     """Replace (or append) the ``<!-- bench:<section>:start/end -->`` block of BENCHMARKS.md, atomically."""
-    sys.path.insert(0, str(PROJECT_ROOT / "src"))
-    from transferlab.io import atomic_write_text
-
     path = PROJECT_ROOT / "BENCHMARKS.md"
     start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
     current = path.read_text() if path.exists() else "# Benchmarks\n"

@@ -15,7 +15,7 @@ import pandas as pd
 
 from transferlab import config, paths, tracking
 from transferlab.config import IngestParams
-from transferlab.device import resolve_device
+from transferlab.device import decode_workers, resolve_device
 from transferlab.errors import exit_on_user_error
 from transferlab.evaluation.evaluate import (
     ModelRef, backbone_gflops, champion, figures, find_models, missing_outputs, score,
@@ -52,14 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     params, extract, finetune = all_params.evaluate, all_params.extract, all_params.finetune
     compute = all_params.compute
     device = resolve_device(compute.device)
+    workers = decode_workers(compute.num_workers, device)
     heads_dir, champion_dir = args.models / paths.HEADS.name, args.models / paths.CHAMPION.name
     store = tracking.open_store()
-    logged = config.as_dict(params) | {"device": str(device), "num_workers": compute.num_workers}
+    logged = config.as_dict(params) | {"device": str(device), "num_workers": workers}
     with tracking.stage_run("evaluate", logged, args.reports / paths.RUN_RECORD, store=store) as run:
         kinds = list(all_params.train_head.kinds)  # the heads train_head trained
         refs = find_models(heads_dir, args.models / paths.FINETUNE.name, extract.backbones, kinds, finetune.backbones)
         split = pd.read_csv(args.split, dtype={"label": str}, keep_default_na=False)
-        scored = [score(ref, args.features, split, args.images, extract.batch_size, device, compute.num_workers)
+        scored = [score(ref, args.features, split, args.images, extract.batch_size, device, workers)
                   for ref in refs]
         gflops = {b: backbone_gflops(b, read_manifest(args.features / b)["transform"]["crop_size"])
                   for b in extract.backbones}

@@ -12,7 +12,7 @@ from pathlib import Path
 from transferlab import config, paths, tracking
 from transferlab.models.backbones import load_backbone
 from transferlab.config import ParamsError
-from transferlab.device import resolve_device
+from transferlab.device import decode_workers, resolve_device
 from transferlab.errors import exit_on_user_error
 from transferlab.models.features import extract
 
@@ -31,13 +31,14 @@ def main(argv: list[str] | None = None) -> None:
         raise ParamsError(f"extract: {name!r} is not in extract.backbones {params.backbones}")
     out = args.out or paths.features(name)
     device = resolve_device(compute.device)
+    workers = decode_workers(compute.num_workers, device)
     store = tracking.open_store()
     backbone = load_backbone(name, params.weights.get(name), params.weights_path.get(name))
     logged = {"backbone": name, "weights": backbone.weights_id, "batch_size": params.batch_size,
-              "keep_maps": params.keep_maps, "device": str(device), "num_workers": compute.num_workers}
+              "keep_maps": params.keep_maps, "device": str(device), "num_workers": workers}
     with tracking.stage_run(f"extract@{name}", logged, out.with_name(f"{out.name}.run.json"), store=store) as run:
         manifest = extract(backbone, args.split, args.images, out, params.batch_size, params.keep_maps,
-                           device=device, num_workers=compute.num_workers)
+                           device=device, num_workers=workers)
         counts = manifest["param_counts"]
         run.log_metrics({"images_forwarded": manifest["images_forwarded"],
                          "params_total": counts["total"], "params_frozen": counts["frozen"]})

@@ -68,6 +68,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("finetune:\n  lrr: 0.01\n", r"unknown key 'finetune\.lrr'; did you mean lr\?"),
         ("split:\n  seed: -1\n", r"split\.seed: got -1; allowed: an integer >= 0"),
         ("train_head:\n  svm:\n    C_grid: []\n", r"train_head\.svm\.C_grid: got \[\]"),
+        ("train_head:\n  svm:\n    tol: 0\n", r"train_head\.svm\.tol: got 0"),
+        ("ingest:\n  workers: 0\n", r"ingest\.workers: got 0; allowed: null or an integer >= 1"),
     ],
 )
 def test_whole_file_typos_and_bounds_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -125,8 +127,8 @@ def test_compute_device_forms_accepted(device: str) -> None:
 
 
 def test_compute_defaults_and_workers_bound() -> None:
-    assert config.Params().compute == config.ComputeParams(device="auto", num_workers=2)
-    with pytest.raises(ParamsError, match=r"compute\.num_workers: got -1; allowed: an integer >= 0"):
+    assert config.Params().compute == config.ComputeParams(device="auto", num_workers=None)
+    with pytest.raises(ParamsError, match=r"compute\.num_workers: got -1; allowed: null or an integer >= 0"):
         parse_section(config.ComputeParams, {"num_workers": -1}, "compute")
     with pytest.raises(ParamsError, match=r"compute\.device: got 0; allowed: a string"):
         parse_section(config.ComputeParams, {"device": 0}, "compute")

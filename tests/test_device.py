@@ -89,3 +89,25 @@ def test_cuda_resolves_and_autocasts_in_half_precision() -> None:
     with autocast(torch.device("cuda")):
         out = torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")
     assert out.dtype == dtype
+
+
+def test_conv_nets_and_image_batches_move_in_channels_last_with_the_same_values() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 12, 12)
+    expected = net(x)
+    device.conv_net_to(net, "cpu")
+    moved = device.images_to(x, "cpu")
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert moved.is_contiguous(memory_format=torch.channels_last) and not moved.is_contiguous()
+    torch.testing.assert_close(net(moved), expected)
+    vectors = device.images_to(torch.randn(2, 5), "cpu")  # not an image batch: moved as it is
+    assert vectors.is_contiguous()
+
+
+def test_decode_workers_default_to_one_on_the_cpu_and_the_other_cores_on_cuda(monkeypatch) -> None:
+    assert device.decode_workers(None, "cpu") == device.CPU_DECODE_WORKERS == 1
+    assert device.decode_workers(3, "cpu") == 3 and device.decode_workers(0, "cuda") == 0  # a setting wins
+    for cores, expected in ((1, 1), (2, 1), (6, 5), (64, device.MAX_DECODE_WORKERS)):
+        monkeypatch.setattr(device, "usable_cores", lambda cores=cores: cores)
+        assert device.decode_workers(None, "cuda:0") == expected

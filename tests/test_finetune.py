@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from transferlab.device import conv_net_to, images_to
 from transferlab.models.backbones import Backbone, load_backbone
 from transferlab.config import AugmentParams, FinetuneParams, ParamsError
 from transferlab.training.finetune import (
@@ -380,8 +381,11 @@ def test_load_finetuned_round_trip(reference: FinetuneResult, project: Path) -> 
     assert not module.training and meta["classes"] == ["blue", "red"]
     images = [Image.open(p).convert("RGB") for p in sorted((project / "data/prepared/images/red").glob("val-*"))]
     x = torch.stack([backbone.eval_transform(img) for img in images])
-    with torch.no_grad():
-        assert torch.equal(module(x), reference.model.eval()(x))
+    trained = reference.model.eval()
+    saved = module.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in trained.state_dict().items())  # every weight, bit for bit
+    with torch.no_grad():  # trained in channels_last: the same layout gives the same bits
+        assert torch.equal(conv_net_to(module, "cpu")(images_to(x, "cpu")), trained(images_to(x, "cpu")))
 
 
 def test_load_finetuned_refuses_a_mismatched_pair(reference: FinetuneResult, project: Path) -> None:

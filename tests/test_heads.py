@@ -286,13 +286,56 @@ def test_svm_without_grid_uses_c(train):
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_svm_calibrated_proba_matches_calibrated_classifier_cv(n_classes):
     X, y = make_maps(150, seed=7, n_classes=n_classes, spread=0.6)  # overlapping: non-trivial probabilities
-    head = make_head("svm", {"calibrate": True, "C_grid": None, "max_iter": 2000, "random_state": 0}).fit(X, y)
+    # scikit-learn's tol, as the reference uses: the same problem solved to the same precision
+    params = {"calibrate": True, "C_grid": None, "max_iter": 2000, "tol": 1e-4, "random_state": 0}
+    head = make_head("svm", params).fit(X, y)
     proba = head.predict_proba(X)
     assert proba.shape == (len(X), n_classes)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
     pooled, y_idx = X.astype(np.float64).mean(axis=(2, 3)), np.searchsorted(head.classes_, y)
     reference = CalibratedClassifierCV(svm_reference(1.0), method="sigmoid", cv=svm_folds(), ensemble=False)
     np.testing.assert_allclose(proba, reference.fit(pooled, y_idx).predict_proba(pooled), rtol=1e-10)
+
+
+def wide_vectors(n: int, d: int, n_classes: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Fewer images than features, as pooled backbone vectors are: low-rank, overlapping classes."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    mixing = rng.normal(0, 1, (6, d))
+    X = rng.normal(0, 0.5, (n_classes, d))[y] + rng.normal(0, 1, (n, 6)) @ mixing + rng.normal(0, 0.3, (n, d))
+    return X.astype(np.float32), LABELS[y]
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_svm_solved_in_the_span_of_fewer_rows_is_the_svm(n_classes):
+    # 60 images of 300 features: solved on U*S of the thin SVD; the same decisions as LinearSVC itself
+    X, y = wide_vectors(60, 300, n_classes)
+    head = make_head("svm", {"C": 0.05, "C_grid": None, "calibrate": False, "max_iter": 20000, "tol": 1e-6})
+    head.fit(X, y)
+    reference = Pipeline([("scaler", StandardScaler()),
+                          ("svc", LinearSVC(C=0.05, max_iter=20000, tol=1e-6, random_state=0))])
+    y_idx = np.searchsorted(head.classes_, y)
+    reference.fit(X, y_idx)
+    X_new, _ = wide_vectors(30, 300, n_classes, seed=4)
+    np.testing.assert_allclose(head.decision_function(X_new), reference.decision_function(X_new), atol=1e-6)
+    np.testing.assert_allclose(head.model_["svc"].coef_, reference["svc"].coef_, atol=1e-6)
+
+
+def test_svm_grid_and_calibration_on_wide_vectors_match_scikit_learn():
+    # the grid's fold decisions also calibrate: the same sigmoids as CalibratedClassifierCV at the chosen C
+    X, y = wide_vectors(90, 200, 3)
+    grid = [1e-3, 1e-2, 1.0]
+    head = make_head("svm", {"C_grid": grid, "calibrate": True, "max_iter": 20000, "tol": 1e-6}).fit(X, y)
+    y_idx = np.searchsorted(head.classes_, y)
+
+    def reference(c: float) -> Pipeline:
+        return Pipeline([("scaler", StandardScaler()),
+                         ("svc", LinearSVC(C=c, max_iter=20000, tol=1e-6, random_state=0))])
+
+    expected = [cross_val_score(reference(c), X, y_idx, cv=svm_folds()).mean() for c in grid]
+    np.testing.assert_allclose(head.cv_scores_, expected)
+    calibrated = CalibratedClassifierCV(reference(head.best_C_), method="sigmoid", cv=svm_folds(), ensemble=False)
+    np.testing.assert_allclose(head.predict_proba(X), calibrated.fit(X, y_idx).predict_proba(X), atol=1e-6)
 
 
 def test_uncalibrated_svm_has_no_predict_proba(train):

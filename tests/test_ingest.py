@@ -357,6 +357,30 @@ def test_deterministic_outputs(seeded: Path, tmp_path: Path) -> None:
     assert _tree(first) == tree
 
 
+def test_parallel_workers_write_the_same_bytes_as_one(seeded: Path, tmp_path: Path) -> None:
+    # every kind of file of the seeded folder (good, rejected, odd names) on 1 and on 3 processes
+    one, three = tmp_path / "one", tmp_path / "three"
+    ingest(seeded, one, SEEDED_PARAMS.model_copy(update={"workers": 1}))
+    report = ingest(seeded, three, SEEDED_PARAMS.model_copy(update={"workers": 3}))
+    assert _tree(one) == _tree(three)
+    assert report["total"]["kept"] == 13 and report["total"]["rejected"] > 5
+    assert "workers" not in report["params"]  # the report records what decides the outputs only
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, "2"])
+def test_bad_workers_value_is_refused_naming_it(workers: object) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        IngestParams.model_validate({"workers": workers})
+
+
+def test_usable_cores_is_this_process_affinity() -> None:
+    import os
+
+    from transferlab.data.ingest import usable_cores
+
+    assert usable_cores() == len(os.sched_getaffinity(0))
+
+
 def test_extensions_filter_reports_other_formats(tmp_path: Path) -> None:
 
     raw = tmp_path / "raw"
@@ -370,3 +394,19 @@ def test_extensions_filter_reports_other_formats(tmp_path: Path) -> None:
     assert report["counts"] == {"a": 2, "b": 2}
     (rejected,) = report["rejected"]
     assert rejected["reason"] == "extension" and rejected["path"] == "a/placeholder.gif"
+
+
+def test_workers_start_by_fork_only_while_the_process_is_single_threaded() -> None:
+    import threading
+
+    from transferlab.data import ingest as module
+
+    assert threading.active_count() > 1 or module._start_method() == "fork"
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert module._start_method() == "spawn"  # a forked copy of another thread's lock could hang
+    finally:
+        release.set()
+        other.join()

@@ -48,12 +48,18 @@ class IngestParams(Section):
     max_file_mb: float = Field(200.0, gt=0)
     # accepted file extensions (case-insensitive); None accepts every format Pillow decodes
     extensions: list[str] | None = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    # decoding processes; None: the cores this process may use. Outputs do not depend on it.
+    workers: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _dotted(self) -> IngestParams:
         if not all(e.startswith(".") for e in self.extensions or []):
             raise _problem("extensions", self.extensions, "null or a list like ['.jpg', '.png']")
         return self
+
+    def deciding(self) -> dict[str, Any]:
+        """The params that decide ingest's outputs (all but ``workers``): what its report records."""
+        return self.model_dump(exclude={"workers"})
 
     def suffixes(self) -> frozenset[str] | None:
         """Lower-case accepted suffixes; None: every format Pillow reads."""
@@ -141,6 +147,10 @@ class SvmHeadParams(Section):
     cv: int = Field(5, ge=2)
     class_weight: ClassWeight = None
     max_iter: int = Field(5000, ge=1)
+    # liblinear's own defaults are 0.1 (dual) and 0.01 (primal); scikit-learn's 1e-4 is far stricter.
+    # On real efficientnet_lite0 features (12 classes, bench/heads.py --pipeline) 0.01 left every val
+    # prediction as 1e-4 did, moved decision values by < 0.007 and ran 2.5-3x fewer iterations.
+    tol: float = Field(0.01, gt=0)
     calibrate: bool = True
     random_state: int = Field(0, ge=0, le=SEED_MAX)
 
@@ -246,7 +256,8 @@ class ComputeParams(Section):
     """Where torch runs (``auto``: CUDA, then MPS, then CPU) and how many DataLoader decode workers."""
 
     device: str = "auto"
-    num_workers: int = Field(2, ge=0)
+    # None: sized for the device by transferlab.device.decode_workers; 0 decodes in the main process
+    num_workers: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _device(self) -> ComputeParams:

@@ -97,10 +97,16 @@ class Loop:
     train_mode: Callable[[], Any] | None = None  # default: model.train()
     before_epoch: Callable[[], dict[str, Any]] | None = None  # figures recorded before training (e.g. lr)
     timed: bool = False  # record each epoch's wall seconds
+    # how an input batch moves to ``device`` (e.g. device.images_to: channels_last for conv nets)
+    inputs_to: Callable[[Tensor, torch.device], Tensor] | None = None
 
 
 def _to(x: Tensor, device: torch.device | None) -> Tensor:
     return x if device is None else x.to(device, non_blocking=True)
+
+
+def _inputs_to(loop: Loop) -> Callable[[Tensor, torch.device | None], Tensor]:
+    return _to if loop.inputs_to is None or loop.device is None else loop.inputs_to
 
 
 def train_epoch(loop: Loop, batches: Batches) -> tuple[float, float]:
@@ -108,7 +114,7 @@ def train_epoch(loop: Loop, batches: Batches) -> tuple[float, float]:
     model, optimizer, scaler = loop.model, loop.optimizer, loop.scaler
     loss_sum, correct, seen = 0.0, 0, 0
     for xb, yb in batches:
-        xb, yb = _to(xb, loop.device), _to(yb, loop.device)
+        xb, yb = _inputs_to(loop)(xb, loop.device), _to(yb, loop.device)
         with loop.autocast():
             logits = model(xb)
             loss = loop.loss_fn(logits, yb)
@@ -134,13 +140,14 @@ def evaluate(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     device: torch.device | None = None,
+    inputs_to: Callable[[Tensor, torch.device | None], Tensor] = _to,
 ) -> tuple[float, float]:
     """Loss and accuracy over all of ``batches`` at once, in eval mode."""
     model.eval()
     logits, labels = [], []
     with torch.inference_mode(), autocast():
         for xb, yb in batches:
-            logits.append(model(_to(xb, device)).float())
+            logits.append(model(inputs_to(xb, device)).float())
             labels.append(_to(yb, device))
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
     loss = float(loss_fn(all_logits, all_labels))
@@ -169,7 +176,8 @@ def run_epoch(loop: Loop, state: LoopState) -> dict[str, Any]:
     train_loss, train_acc = train_epoch(loop, loop.train_batches(epoch))
     val_loss, val_acc = (None, None)
     if loop.val_batches is not None:
-        val_loss, val_acc = evaluate(loop.model, loop.val_batches(), loop.loss_fn, loop.autocast, loop.device)
+        val_loss, val_acc = evaluate(loop.model, loop.val_batches(), loop.loss_fn, loop.autocast, loop.device,
+                                     _inputs_to(loop))
     record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
               "val_acc": val_acc, **before}
     if loop.timed:

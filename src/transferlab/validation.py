@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -78,9 +79,13 @@ _ALLOWED = {
 def _allowed(err: Mapping[str, Any], field_type: Any) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    options = typing.get_args(field_type) or (field_type,)  # int | None: (int, NoneType)
+    nullable = "null or " if type(None) in options else ""
     if kind in bounds:
         (limit,) = ctx.values()
-        return f"{'an integer' if field_type is int else 'a number'} {bounds[kind]} {limit}"
+        return f"{nullable}{'an integer' if int in options else 'a number'} {bounds[kind]} {limit}"
+    if nullable and kind in _ALLOWED:
+        return nullable + _ALLOWED[kind]
     if kind == "literal_error":
         return f"one of {ctx['expected']}"
     if kind in ("too_short", "too_long"):

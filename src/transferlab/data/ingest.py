@@ -17,24 +17,30 @@ Outputs in ``out_dir`` (replaced as a whole, so a failed run leaves it as it was
   each group in one part).
 
 Decoding itself (limits, EXIF orientation, RGB, shrinking) is
-:mod:`transferlab.data.imaging`, shared with the predictor.
+:mod:`transferlab.data.imaging`, shared with the predictor. ``ingest.workers``
+processes decode and re-encode in parallel; the main process names and writes
+the files in source order, so the outputs are byte-identical for any count.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import multiprocessing
 import re
+import threading
 import unicodedata
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from PIL import Image
 from tqdm import tqdm
 
 from transferlab.config import PARTS, IngestParams
+from transferlab.cores import usable_cores
 # decoding lives in imaging (shared with predict); names re-exported for ingest's callers
 from transferlab.data.imaging import (  # noqa: F401
     CORRUPT, EMPTY_FILE, FILE_TOO_LARGE, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED, UNREADABLE, Rejected, decode_image,
@@ -97,10 +103,14 @@ class _Layout:
 
 @dataclass(frozen=True)
 class _Decoded:
-    image: Image.Image
-    sha256: str
+    jpeg: bytes  # the shrunk image, encoded as it is written
+    sha256: str  # of the raw file
     width: int  # of the upright original, before shrinking
     height: int
+
+
+# candidates per task sent to a worker: few enough round trips, small enough to balance
+CHUNK = 8
 
 
 # ---------------------------------------------------------------- discovery
@@ -179,7 +189,39 @@ def _process(candidate: Candidate, params: IngestParams) -> _Decoded:
     _check_extension(candidate.path, params.extensions)
     data = read_limited(candidate.path, params.max_file_mb)
     image, (width, height) = decode_image(data, params.max_side)
-    return _Decoded(image, sha256_bytes(data), width, height)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return _Decoded(buffer.getvalue(), sha256_bytes(data), width, height)
+
+
+def _attempt(candidate: Candidate, params: IngestParams) -> _Decoded | tuple[str, str]:
+    """The decoded file, or its rejection ``(reason, detail)``: one bad file must never stop the run."""
+    try:
+        with strict_pillow(params.max_pixels):
+            return _process(candidate, params)
+    except Exception as exc:  # noqa: BLE001
+        return rejection_reason(exc, params)
+
+
+def _start_method() -> str:
+    """fork while this process runs one thread (workers start at once, nothing to re-import), else spawn.
+
+    A forked child gets a copy of every lock, and one that another thread held
+    (tracking clients, a notebook's threads) would never be released in it.
+    """
+    alone = threading.active_count() == 1
+    return "fork" if alone and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _decoded(candidates: list[Candidate], params: IngestParams) -> Iterator[_Decoded | tuple[str, str]]:
+    """``_attempt`` of every candidate, in order, on ``ingest.workers`` processes."""
+    workers = min(params.workers or usable_cores(), max(1, len(candidates) // CHUNK))
+    if workers == 1:
+        yield from (_attempt(c, params) for c in candidates)
+        return
+    context = multiprocessing.get_context(_start_method())
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield from pool.map(_attempt, candidates, [params] * len(candidates), chunksize=CHUNK)
 
 
 # ---------------------------------------------------------------- outputs
@@ -269,28 +311,27 @@ def _convert_all(
         for s in layout.strays
     ]
     taken: set[str] = set()
-    with strict_pillow(params.max_pixels):
-        for cand in tqdm(layout.candidates, desc="ingest", unit="img", disable=not progress):
-            try:
-                decoded = _process(cand, params)
-            except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
-                reason, detail = rejection_reason(exc, params)
-                rejected.append({"path": cand.source, "reason": reason, "detail": detail, "label": cand.label})
-                continue
-            rel = _output_path(cand, decoded.sha256, taken)
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            decoded.image.save(tmp / rel, format="JPEG", quality=JPEG_QUALITY)
-            rows.append(
-                {
-                    "path": rel,
-                    "label": cand.label,
-                    "sha256": decoded.sha256,
-                    "width": decoded.width,
-                    "height": decoded.height,
-                    "folder_split": cand.folder_split,
-                    "source": cand.source,
-                }
-            )
+    decoded_all = _decoded(layout.candidates, params)
+    for cand, decoded in tqdm(zip(layout.candidates, decoded_all), desc="ingest", unit="img",
+                              total=len(layout.candidates), disable=not progress):
+        if isinstance(decoded, tuple):
+            reason, detail = decoded
+            rejected.append({"path": cand.source, "reason": reason, "detail": detail, "label": cand.label})
+            continue
+        rel = _output_path(cand, decoded.sha256, taken)
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(decoded.jpeg)
+        rows.append(
+            {
+                "path": rel,
+                "label": cand.label,
+                "sha256": decoded.sha256,
+                "width": decoded.width,
+                "height": decoded.height,
+                "folder_split": cand.folder_split,
+                "source": cand.source,
+            }
+        )
     return rows, rejected
 
 
@@ -301,6 +342,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: IngestParams, progress: bool = 
     ``out_dir`` untouched, when fewer than 2 classes or a class under
     ``params.min_per_class`` remain. Pillow's pixel limit and truncation switch
     are process-wide: do not decode images in other threads during the call.
+    ``params.workers`` processes decode (None: :func:`usable_cores`).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     _check_dirs(raw_dir, out_dir)
@@ -325,7 +367,7 @@ def _report(
     duplicates = _duplicates(rows)
     return {
         "layout": layout.kind,
-        "params": params.model_dump(),
+        "params": params.deciding(),
         "counts": {label: counts.get(label, 0) for label in layout.classes},
         "total": {"seen": len(rows) + len(rejected), "kept": len(rows), "rejected": len(rejected)},
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),

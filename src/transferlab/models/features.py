@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from transferlab.data.images import image_loader
 from transferlab.data.imaging import open_rgb
-from transferlab.device import autocast
+from transferlab.device import autocast, conv_net_to, images_to
 from transferlab.models.backbones import Backbone
 from transferlab.models.heads.registry import specs
 from transferlab.io import atomic_dir, atomic_write_json, sha256_file
@@ -92,7 +92,7 @@ def _extract_part(
     desc = f"extract {backbone.name} [{part}]"
     with torch.inference_mode(), autocast(device):
         for images, _ in tqdm(loader, desc=desc, unit="batch"):
-            fmap = backbone.forward_features(images.to(device, non_blocking=True)).float().cpu()
+            fmap = backbone.forward_features(images_to(images, device)).float().cpu().contiguous()
             if keep_maps:
                 if maps_file is None:
                     maps_shape = [len(paths), *fmap.shape[1:]]
@@ -136,7 +136,7 @@ def extract(
     classes = sorted(split["label"].unique())
     backbone.module.eval()  # BatchNorm must use its ImageNet statistics, never batch ones
     backbone.module.requires_grad_(False)  # frozen: nothing here trains, and the counts say so
-    backbone.module.to(device)
+    conv_net_to(backbone.module, device)
     parts: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         for part, rows in split.groupby("part", sort=True):

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from transferlab.config import FinetuneParams
-from transferlab.device import resolve_device
+from transferlab.device import images_to, resolve_device
 from transferlab.io import atomic_path, atomic_write_json, sha256_file
 from transferlab.loop import Loop, LoopState, Monitor, finished, fresh_state, run
 from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
@@ -140,7 +140,7 @@ def _loop(session: Session, params: FinetuneParams) -> Loop:
         session.model, session.optimizer, session.loss_fn, train_batches, val_batches, MONITORS[params.monitor],
         max_epochs, params.patience, scheduler=session.scheduler, scaler=session.scaler,
         autocast=session.autocast, device=session.device, train_mode=lambda: session.backbone.train(True),
-        before_epoch=lambda: {"lr": head_lr(session.optimizer)}, timed=True,
+        before_epoch=lambda: {"lr": head_lr(session.optimizer)}, timed=True, inputs_to=images_to,
     )
 
 

@@ -29,6 +29,7 @@ from transferlab.config import FinetuneParams, ParamsError
 from transferlab.models.backbones import ALL_BLOCKS, Backbone
 from transferlab.models.finetuned import HEAD_TYPE, head_spec, new_head  # noqa: F401 - re-exported
 from transferlab.data.images import image_loader
+from transferlab.device import conv_net_to
 from transferlab.training.images import FinetuneError, SplitData, train_transform
 
 __all__ = [
@@ -195,7 +196,7 @@ class Session:
 def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams,
                  device: torch.device | str = "cpu") -> Session:
     device = torch.device(device)
-    model.to(device)
+    conv_net_to(model, device)  # the loop moves its batches with device.images_to: the same layout
     generator = torch.Generator().manual_seed(params.seed)
     # the one image pipeline (transferlab.data.images); NUM_WORKERS: see above (exact resume)
     train_loader = image_loader(data.train, train_transform(backbone, params.augment), params.batch_size, device,
