@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from projects import machine, photo_classes, write_section
+from projects import PREPARED_SIZE, machine, prepared_photos, write_section
 from transferlab.config import ComputeParams, ExtractParams
 from transferlab.data.imaging import open_rgb
 from transferlab.device import decode_workers
@@ -36,8 +36,6 @@ from transferlab.models.backbones import load_backbone
 from transferlab.models.features import extract
 
 SECTION = "extract_throughput"
-PREPARED_SIZE = (512, 384)  # what ingest leaves of a landscape photo (shorter side 384)
-CLASSES = 4
 WARMUP_BATCHES = 2  # one-off costs (allocator, oneDNN kernel choice) kept out of the ceiling
 REPEATS = 2  # the ceiling is the best pass: what the backbone can do, not a noisy average
 
@@ -71,8 +69,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="transferlab-extract-"))
     try:
         images = work / "images"
-        photo_classes(images, -(-args.images // CLASSES), classes=CLASSES, size=PREPARED_SIZE)
-        paths = sorted(images.rglob("*.jpg"))[: args.images]
+        paths = prepared_photos(images, args.images)
         split = pd.DataFrame({"path": [p.relative_to(images).as_posix() for p in paths],
                               "label": [p.parent.name for p in paths], "part": "train"})
         split.to_csv(work / "split.csv", index=False)

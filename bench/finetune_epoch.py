@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from projects import machine, photo_classes, write_section
+from projects import PREPARED_SIZE, machine, prepared_photos, write_section
 from transferlab.config import FinetuneParams
 from transferlab.loop import fresh_state, run_epoch
 from transferlab.models.backbones import load_backbone
@@ -41,8 +41,6 @@ from transferlab.training.images import SplitData
 from transferlab.training.strategy import build_model, make_session
 
 SECTION = "finetune_epoch"
-PREPARED_SIZE = (512, 384)
-CLASSES = 4
 VAL_SHARE = 4  # one image in VAL_SHARE goes to val
 
 
@@ -81,7 +79,7 @@ def nchw(session: Any) -> Any:
 
 
 def ours_nchw_epoch(session: Any, params: FinetuneParams) -> None:
-    loop = dataclasses.replace(_loop(session, params), inputs_to=None)
+    loop = dataclasses.replace(_loop(session, params), inputs_to=lambda x, device: x.to(device))
     run_epoch(loop, fresh_state(MONITORS[params.monitor]))
 
 
@@ -100,8 +98,7 @@ def main() -> None:
     params = FinetuneParams()
     work = Path(tempfile.mkdtemp(prefix="transferlab-finetune-"))
     try:
-        photo_classes(work, -(-args.images // CLASSES), classes=CLASSES, size=PREPARED_SIZE)
-        paths = sorted(work.rglob("*.jpg"))[: args.images]
+        paths = prepared_photos(work, args.images)
         classes = sorted({p.parent.name for p in paths})
         items = [(p, classes.index(p.parent.name)) for p in paths]
         data = SplitData(classes, [x for i, x in enumerate(items) if i % VAL_SHARE],

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from projects import machine, photo_classes, write_section
+from projects import machine, photo_classes, tree, write_section
 from transferlab.config import IngestParams
 from transferlab.data.ingest import ingest, usable_cores
 
@@ -43,10 +43,6 @@ def full_size_photos(dest: Path, n: int) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(out, quality=90)
     shutil.rmtree(small)
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def main() -> None:

@@ -115,6 +115,21 @@ def photo_classes(dest: Path, per_class: int, classes: int = len(PHOTOS), seed: 
     return {name: per_class for name in PHOTOS[:classes]}
 
 
+PREPARED_SIZE = (512, 384)  # what ingest leaves of a landscape photo (shorter side ingest.max_side)
+PREPARED_CLASSES = 4
+
+
+def prepared_photos(dest: Path, n: int) -> list[Path]:
+    """``n`` photo-crop JPEGs the size ingest writes (``PREPARED_SIZE``) in ``PREPARED_CLASSES`` folders, sorted."""
+    photo_classes(dest, -(-n // PREPARED_CLASSES), classes=PREPARED_CLASSES, size=PREPARED_SIZE)
+    return sorted(dest.rglob("*.jpg"))[:n]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by its posix path relative to it, with its bytes: folders compared whole."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def machine() -> str:
     """The CPU model, core count, Python and OS, for the line that says where figures were measured."""
     cpuinfo = Path("/proc/cpuinfo")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from projects import tree
 from transferlab.config import IngestParams
 from transferlab.data.ingest import IngestError, discover, ingest
 
@@ -56,10 +57,6 @@ def _pixel(out: Path, row: dict[str, str], xy: tuple[int, int]) -> tuple[int, ..
 
 def _close(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return all(abs(x - y) <= TOL for x, y in zip(a, b, strict=True))
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _two_classes(raw: Path, per_class: int = 3) -> None:
@@ -296,11 +293,11 @@ def test_discover_sorted_and_skips_hidden(tmp_path: Path) -> None:
 def _untouched_after(call: object, out: Path) -> None:
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("previous run\n", encoding="utf-8")
-    before = _tree(out)
+    before = tree(out)
     siblings = sorted(p.name for p in out.parent.iterdir())
     with pytest.raises(IngestError) as info:
         call()  # type: ignore[operator]
-    assert _tree(out) == before
+    assert tree(out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == siblings  # no temp dir left behind
     return info.value  # type: ignore[return-value]
 
@@ -347,14 +344,14 @@ def test_deterministic_outputs(seeded: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "one", tmp_path / "two"
     ingest(seeded, first, SEEDED_PARAMS)
     ingest(seeded, second, SEEDED_PARAMS, progress=True)
-    tree = _tree(first)
-    assert tree == _tree(second)
-    assert "manifest.csv" in tree and "report.json" in tree
-    assert sum(name.endswith(".jpg") for name in tree) == 13
+    files = tree(first)
+    assert files == tree(second)
+    assert "manifest.csv" in files and "report.json" in files
+    assert sum(name.endswith(".jpg") for name in files) == 13
     # a re-run into an existing out_dir replaces it with the same bytes
     (first / "stale.jpg").write_bytes(b"old")
     ingest(seeded, first, SEEDED_PARAMS)
-    assert _tree(first) == tree
+    assert tree(first) == files
 
 
 def test_parallel_workers_write_the_same_bytes_as_one(seeded: Path, tmp_path: Path) -> None:
@@ -362,7 +359,7 @@ def test_parallel_workers_write_the_same_bytes_as_one(seeded: Path, tmp_path: Pa
     one, three = tmp_path / "one", tmp_path / "three"
     ingest(seeded, one, SEEDED_PARAMS.model_copy(update={"workers": 1}))
     report = ingest(seeded, three, SEEDED_PARAMS.model_copy(update={"workers": 3}))
-    assert _tree(one) == _tree(three)
+    assert tree(one) == tree(three)
     assert report["total"]["kept"] == 13 and report["total"]["rejected"] > 5
     assert "workers" not in report["params"]  # the report records what decides the outputs only
 

@@ -78,6 +78,10 @@ def fresh_state(monitor: Monitor, model: nn.Module | None = None) -> LoopState:
     return LoopState(best_metric=monitor.initial(), best_state=None if model is None else copy_state(model))
 
 
+def _to(x: Tensor, device: torch.device | None) -> Tensor:
+    return x if device is None else x.to(device, non_blocking=True)
+
+
 @dataclass
 class Loop:
     """One model's training: what :func:`run` needs besides the state."""
@@ -98,15 +102,9 @@ class Loop:
     before_epoch: Callable[[], dict[str, Any]] | None = None  # figures recorded before training (e.g. lr)
     timed: bool = False  # record each epoch's wall seconds
     # how an input batch moves to ``device`` (e.g. device.images_to: channels_last for conv nets)
-    inputs_to: Callable[[Tensor, torch.device], Tensor] | None = None
+    inputs_to: Callable[[Tensor, torch.device | None], Tensor] = _to
 
 
-def _to(x: Tensor, device: torch.device | None) -> Tensor:
-    return x if device is None else x.to(device, non_blocking=True)
-
-
-def _inputs_to(loop: Loop) -> Callable[[Tensor, torch.device | None], Tensor]:
-    return _to if loop.inputs_to is None or loop.device is None else loop.inputs_to
 
 
 def train_epoch(loop: Loop, batches: Batches) -> tuple[float, float]:
@@ -114,7 +112,7 @@ def train_epoch(loop: Loop, batches: Batches) -> tuple[float, float]:
     model, optimizer, scaler = loop.model, loop.optimizer, loop.scaler
     loss_sum, correct, seen = 0.0, 0, 0
     for xb, yb in batches:
-        xb, yb = _inputs_to(loop)(xb, loop.device), _to(yb, loop.device)
+        xb, yb = loop.inputs_to(xb, loop.device), _to(yb, loop.device)
         with loop.autocast():
             logits = model(xb)
             loss = loop.loss_fn(logits, yb)
@@ -177,7 +175,7 @@ def run_epoch(loop: Loop, state: LoopState) -> dict[str, Any]:
     val_loss, val_acc = (None, None)
     if loop.val_batches is not None:
         val_loss, val_acc = evaluate(loop.model, loop.val_batches(), loop.loss_fn, loop.autocast, loop.device,
-                                     _inputs_to(loop))
+                                     loop.inputs_to)
     record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
               "val_acc": val_acc, **before}
     if loop.timed:
