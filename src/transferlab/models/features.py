@@ -8,8 +8,9 @@ Layout of one backbone's feature store (``data/features/<backbone>/``)::
     <part>.pooled.safetensors  pooled vectors (N x C float32) + label indices
     <part>.maps.npy          last conv feature maps (N x C x H x W float16)
 
-Maps are written batch by batch into a memory-mapped ``.npy`` so peak memory
-does not grow with the dataset (only the small pooled vectors are held).
+Maps are written batch by batch into a memory-mapped ``.npy`` and freed heap
+pages go back to the OS after every batch, so peak memory does not grow with
+the dataset (only the small pooled vectors are held).
 Every file loads without pickle (safetensors, ``np.load(allow_pickle=False)``).
 """
 
@@ -35,6 +36,7 @@ from transferlab.device import autocast, conv_net_to, images_to
 from transferlab.models.backbones import Backbone
 from transferlab.models.heads.registry import specs
 from transferlab.io import atomic_dir, atomic_write_json, sha256_file
+from transferlab.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 MAPS_DTYPE = np.float16  # halves the cache; heads compute in float32
@@ -102,6 +104,8 @@ def _extract_part(
                 maps_file[start : start + len(images)] = fmap.numpy().astype(MAPS_DTYPE)
             pooled.append(backbone.pool(fmap).to(POOLED_DTYPE))
             start += len(images)
+            del images, fmap
+            release_freed_memory()  # else the heap fragments and the peak grows with the dataset (memory.py)
     if maps_file is not None:
         maps_file.flush()
         del maps_file
