@@ -11,7 +11,9 @@ size, seeded shuffling), same optimizer groups and learning rates:
 - ours: the finetune stage's own session and loop (``training.strategy.make_session``,
   ``transferlab.loop.run_epoch``): frozen blocks stay in eval mode, the val pass
   runs under ``inference_mode``, module and batches in channels_last (device.IMAGE_FORMAT);
-- ours in NCHW: the same loop with the default layout (what it did before channels_last).
+- ours in NCHW: the same loop with the default layout and float32 (what it did before channels_last);
+- ours in float32: channels_last, ``finetune.autocast: false`` (what it did before CPU bfloat16);
+- ours: the defaults (channels_last, and bfloat16 autocast where the CPU computes it natively).
 
 Each way gets a fresh model from the same seed and runs ``--epochs`` epochs
 (train + val); the figure is seconds per epoch.
@@ -105,8 +107,11 @@ def main() -> None:
                          [x for i, x in enumerate(items) if not i % VAL_SHARE], "bench")
         tutorial = nchw(fresh_session(data, params))  # the tutorials use the default layout
         seconds = {"tutorial": timed_epochs(lambda: tutorial_epoch(tutorial), args.epochs)}
-        former = nchw(fresh_session(data, params))
-        seconds["ours_nchw"] = timed_epochs(lambda: ours_nchw_epoch(former, params), args.epochs)
+        plain = params.model_copy(update={"autocast": False})
+        former = nchw(fresh_session(data, plain))
+        seconds["ours_nchw"] = timed_epochs(lambda: ours_nchw_epoch(former, plain), args.epochs)
+        fp32 = fresh_session(data, plain)
+        seconds["ours_float32"] = timed_epochs(lambda: ours_epoch(fp32, plain), args.epochs)
         ours = fresh_session(data, params)
         seconds["ours"] = timed_epochs(lambda: ours_epoch(ours, params), args.epochs)
     finally:
@@ -114,6 +119,8 @@ def main() -> None:
     figures = {k: round(v, 2) for k, v in seconds.items()} | {
         "tutorial_over_ours": round(seconds["tutorial"] / seconds["ours"], 2),
         "nchw_over_ours": round(seconds["ours_nchw"] / seconds["ours"], 2),
+        "float32_over_ours": round(seconds["ours_float32"] / seconds["ours"], 2),
+        "trained_in": str(ours.amp_dtype or torch.float32).removeprefix("torch."),
         "train_images": len(data.train), "val_images": len(data.val), "threads": torch.get_num_threads()}
     print(json.dumps(figures))
     write_section(SECTION, "\n".join([
@@ -127,11 +134,13 @@ def main() -> None:
         "| loop | seconds per epoch |",
         "|---|---|",
         f"| tutorial (`model.train()` on all, `no_grad` val) | {seconds['tutorial']:.2f} |",
-        f"| ours in NCHW, the former layout (frozen blocks in eval mode, `inference_mode` val) | "
+        f"| ours in NCHW and float32 (frozen blocks in eval mode, `inference_mode` val) | "
         f"{seconds['ours_nchw']:.2f} |",
-        f"| ours (the same, channels_last) | {seconds['ours']:.2f} |",
+        f"| ours in channels_last, float32 (`finetune.autocast: false`) | {seconds['ours_float32']:.2f} |",
+        f"| ours, the defaults (channels_last, autocast: {figures['trained_in']}) | {seconds['ours']:.2f} |",
         "",
-        f"Tutorial / ours: {figures['tutorial_over_ours']:.2f}x; ours NCHW / ours: {figures['nchw_over_ours']:.2f}x.",
+        f"Tutorial / ours: {figures['tutorial_over_ours']:.2f}x; ours NCHW / ours: {figures['nchw_over_ours']:.2f}x; "
+        f"ours float32 / ours: {figures['float32_over_ours']:.2f}x.",
     ]))
 
 

@@ -34,6 +34,7 @@ STAGES = ("ingest", "split", "extract", "train_head")
 # A small first pass, not reported: the first run after a cold start reads the interpreter's and
 # libraries' files from disk, a one-off cost that would otherwise land on the smallest size.
 WARMUP_IMAGES = 120
+POOLED_BYTES = 1280 * 4  # one image's pooled vector: efficientnet_lite0's 1280 features in float32
 FIGURE = PROJECT_ROOT / "bench" / "figures" / "scale.png"
 # A fresh interpreter per stage: RUSAGE_CHILDREN then covers that stage's processes only.
 MEASURE = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -121,7 +122,11 @@ def main() -> None:
         cells = " | ".join(f"{r['stages'][s]['seconds']:.1f} ({r['stages'][s]['peak_mb']})" for s in STAGES)
         lines.append(f"| {r['images']} | {cells} | {1000 * r['total_seconds'] / r['images']:.1f} | "
                      f"{r['noop_seconds']:.2f} |")
+    growth = last["stages"]["extract"]["peak_mb"] - first["stages"]["extract"]["peak_mb"]
+    pooled = (last["images"] - first["images"]) * POOLED_BYTES / 2**20
     lines += ["", f"Seconds per image at {last['images']} over {first['images']}: {ratio:.2f}x. "
+              f"Extract's peak grew by {growth} MB from {first['images']} to {last['images']} images; their "
+              f"pooled vectors take {pooled:.0f} MB more. "
               f"Plot: [bench/figures/scale.png](bench/figures/scale.png)."]
     write_section(SECTION, "\n".join(lines))
 

@@ -62,3 +62,21 @@ def test_benchmarks_import_no_test_code() -> None:
         imports = _imports(path)
         assert not imports & {"helpers", "conftest"}, path.name
         assert '/ "tests"' not in path.read_text(encoding="utf-8"), f"{path.name} puts tests/ on sys.path"
+
+
+# Each stage is a fresh process that pays for its imports (a few seconds each for torchvision and
+# timm on 2 cores): the heads' stage reads cached tensors and must not pay for backbone libraries.
+LIGHT_STAGES = {"pipeline/train_head.py": ("torchvision", "timm")}
+
+
+@pytest.mark.parametrize("script", sorted(LIGHT_STAGES))
+def test_light_stages_skip_heavy_imports(script: str) -> None:
+    import subprocess
+    import sys
+
+    # a fresh interpreter: this one may have imported everything already
+    probe = (f"import runpy, sys; sys.argv = [{script!r}]; "
+             f"runpy.run_path({script!r}, run_name='probe'); "
+             f"print(sorted(m for m in {LIGHT_STAGES[script]!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

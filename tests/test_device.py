@@ -69,6 +69,16 @@ def test_autocast_is_a_no_op_off_cuda() -> None:
     assert out.dtype == torch.float32
 
 
+def test_cpu_autocasts_to_bfloat16_only_when_asked_and_native() -> None:
+    native = device._cpu_computes_bfloat16()
+    assert device.autocast_dtype("cpu", cpu=True) == (torch.bfloat16 if native else None)
+    with autocast("cpu", cpu=True):
+        out = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    with autocast("cpu", enabled=False, cpu=True):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
+
+
 def test_loader_kwargs_pin_only_on_cuda_and_keep_workers() -> None:
     assert loader_kwargs(torch.device("cpu"), 0) == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
     assert loader_kwargs("cpu", 2) == {"num_workers": 2, "pin_memory": False, "persistent_workers": True}

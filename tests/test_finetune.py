@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from transferlab.device import conv_net_to, images_to
+from transferlab.device import _cpu_computes_bfloat16, conv_net_to, images_to
 from transferlab.models.backbones import Backbone, load_backbone
 from transferlab.config import AugmentParams, FinetuneParams, ParamsError
 from transferlab.training.finetune import (
@@ -295,6 +295,7 @@ def test_outputs_hold_train_and_val_figures_only(reference: FinetuneResult, proj
     assert meta["strategy"]["trainable_blocks"] == [f"features.{i}" for i in range(10, 13)]
     assert meta["best_epoch"] == metrics["best_epoch"]
     assert meta["weights"] == "none" and meta["transform"]["crop_size"] == 224
+    assert meta["trained_in"] == ("bfloat16" if _cpu_computes_bfloat16() else "float32")  # finetune.autocast
     # The test rows of split.csv name files that do not exist: training never opened them.
     assert read_split(project / "data/split.csv", project / "data/prepared").classes == ["blue", "red"]
 
@@ -322,6 +323,15 @@ def test_reruns_are_identical(reference: FinetuneResult, project: Path) -> None:
     again = finetune(job(project, "again"), echo=lambda _: None)
     assert_same_state(tensors(project / "again" / MODEL_FILE), tensors(project / "reference" / MODEL_FILE))
     assert without_seconds(again.history) == without_seconds(reference.history)
+
+
+def test_autocast_off_trains_in_float32(reference: FinetuneResult, project: Path) -> None:
+    plain = finetune(job(project, "float32", FAST.model_copy(update={"autocast": False})), echo=lambda _: None)
+    assert plain.meta["trained_in"] == "float32"
+    if _cpu_computes_bfloat16():  # the reference trained in bfloat16: close, not the same weights
+        assert plain.meta["trained_in"] != reference.meta["trained_in"]
+        ours, theirs = tensors(project / "float32" / MODEL_FILE), tensors(project / "reference" / MODEL_FILE)
+        assert any(not torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(reference: FinetuneResult, project: Path) -> None:

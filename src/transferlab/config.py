@@ -229,6 +229,8 @@ class FinetuneParams(Section):
     class_weight: ClassWeight = None
     augment: AugmentParams = Field(default_factory=AugmentParams)
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    # mixed precision where the hardware computes it natively (transferlab.device.autocast_dtype); false: float32
+    autocast: bool = True
 
     @model_validator(mode="after")
     def _warmup(self) -> FinetuneParams:

@@ -6,9 +6,9 @@ the heap instead of fresh mappings, and the heap fragments: freed pages stay
 resident. Measured on efficientnet_lite0 extraction (2 cores, batch 32), the
 process's peak grew from 1.75 GB at 1,764 images to 2.40 GB at 7,056, and to
 4.8 GB at 20,004 in bench/scale.py. ``malloc_trim(0)`` after every batch kept it
-at 1.33 GB at 7,056 images with no loss of speed, where a fixed
-``MALLOC_MMAP_THRESHOLD_`` (fresh zeroed mappings for every activation) cost
-about 15%. Neither torch nor psutil exposes this; other C libraries (macOS,
+at 1.33 GB at 7,056 images, where a fixed ``MALLOC_MMAP_THRESHOLD_`` (fresh
+zeroed mappings for every activation) cost about 15%. Trimming makes the next
+allocations fault their pages in again, so callers trim every few batches. Neither torch nor psutil exposes this; other C libraries (macOS,
 musl) return memory on their own, and there it is a no-op.
 """
 

@@ -21,7 +21,7 @@ import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,15 +33,20 @@ from tqdm import tqdm
 from transferlab.data.images import image_loader
 from transferlab.data.imaging import open_rgb
 from transferlab.device import autocast, conv_net_to, images_to
-from transferlab.models.backbones import Backbone
 from transferlab.models.heads.registry import specs
 from transferlab.io import atomic_dir, atomic_write_json, sha256_file
 from transferlab.memory import release_freed_memory
+
+if TYPE_CHECKING:  # the heads' stages read stores without torchvision or timm (seconds of imports)
+    from transferlab.models.backbones import Backbone
 
 log = logging.getLogger(__name__)
 MAPS_DTYPE = np.float16  # halves the cache; heads compute in float32
 POOLED_DTYPE = torch.float32
 MANIFEST = "manifest.json"
+# Batches between returns of freed heap pages to the OS (transferlab.memory): after every batch the
+# next one faults its pages in afresh (~7% slower on 2 cores); every 8 keeps the peak flat for ~1%.
+RELEASE_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def _extract_part(
     start = 0
     desc = f"extract {backbone.name} [{part}]"
     with torch.inference_mode(), autocast(device):
-        for images, _ in tqdm(loader, desc=desc, unit="batch"):
+        for batch, (images, _) in enumerate(tqdm(loader, desc=desc, unit="batch"), start=1):
             fmap = backbone.forward_features(images_to(images, device)).float().cpu().contiguous()
             if keep_maps:
                 if maps_file is None:
@@ -105,7 +110,8 @@ def _extract_part(
             pooled.append(backbone.pool(fmap).to(POOLED_DTYPE))
             start += len(images)
             del images, fmap
-            release_freed_memory()  # else the heap fragments and the peak grows with the dataset (memory.py)
+            if batch % RELEASE_EVERY == 0:  # else the heap fragments and the peak grows with the dataset
+                release_freed_memory()
     if maps_file is not None:
         maps_file.flush()
         del maps_file

@@ -176,7 +176,7 @@ def finetune(job: FinetuneJob, echo: Echo = _say, on_epoch_end: EpochHook | None
         raise FinetuneError(f"training diverged: {params.monitor} was never finite; try a lower finetune.lr")
     session.model.load_state_dict(state.best_state)
     session.model.eval()
-    meta = _meta(job, backbone, data, warm, state)
+    meta = _meta(job, backbone, data, warm, state, session)
     result = FinetuneResult(session.model, backbone, meta, _metrics(backbone, state), state.history, notes,
                             resumed_from)
     write_outputs(result, job.out_dir)
@@ -215,7 +215,7 @@ def _epoch_line(name: str, record: dict[str, Any], max_epochs: int, best: bool) 
 
 
 def _meta(job: FinetuneJob, backbone: Backbone, data: SplitData, warm: WarmStart | None,
-          state: LoopState) -> dict[str, Any]:
+          state: LoopState, session: Session) -> dict[str, Any]:
     params = job.params
     return {
         "format": FORMAT_VERSION,
@@ -232,6 +232,8 @@ def _meta(job: FinetuneJob, backbone: Backbone, data: SplitData, warm: WarmStart
         "transform": backbone.transform_config(),
         "param_counts": backbone.param_counts(),
         "best_epoch": state.best_epoch,
+        # what finetune.autocast gave on this hardware: the figures depend on it
+        "trained_in": str(session.amp_dtype or torch.float32).removeprefix("torch."),
     }
 
 

@@ -29,7 +29,7 @@ from transferlab.config import FinetuneParams, ParamsError
 from transferlab.models.backbones import ALL_BLOCKS, Backbone
 from transferlab.models.finetuned import HEAD_TYPE, head_spec, new_head  # noqa: F401 - re-exported
 from transferlab.data.images import image_loader
-from transferlab.device import conv_net_to
+from transferlab.device import autocast_dtype, conv_net_to
 from transferlab.training.images import FinetuneError, SplitData, train_transform
 
 __all__ = [
@@ -184,13 +184,17 @@ class Session:
     val_loader: DataLoader
     generator: torch.Generator  # the train loader's shuffling
     device: torch.device
-    amp: bool
+    amp_dtype: torch.dtype | None  # finetune.autocast resolved for the device; None: float32
+
+    @property
+    def amp(self) -> bool:
+        """Whether the loss is scaled: float16 gradients underflow; bfloat16 has float32's range."""
+        return self.amp_dtype == torch.float16
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        # float16 autocast only pays off (and is only well supported) on CUDA.
-        if self.amp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
-        return contextlib.nullcontext()
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
 def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams,
@@ -205,18 +209,18 @@ def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: 
     optimizer = make_optimizer(param_groups(backbone, params.lr, params.backbone_lr_factor, params.weight_decay),
                                params)
     weight = class_weights(data, params)
-    amp = device.type == "cuda"
+    amp_dtype = autocast_dtype(device, cpu=True) if params.autocast else None
     return Session(
         name=backbone.name,
         backbone=backbone,
         model=model,
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, params, len(train_loader)),
-        scaler=torch.amp.GradScaler(device.type, enabled=amp),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         loss_fn=nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device)),
         train_loader=train_loader,
         val_loader=val_loader,
         generator=generator,
         device=device,
-        amp=amp,
+        amp_dtype=amp_dtype,
     )
