@@ -120,7 +120,7 @@ def main() -> None:
         "tutorial_over_ours": round(seconds["tutorial"] / seconds["ours"], 2),
         "nchw_over_ours": round(seconds["ours_nchw"] / seconds["ours"], 2),
         "float32_over_ours": round(seconds["ours_float32"] / seconds["ours"], 2),
-        "trained_in": str(ours.amp_dtype or torch.float32).removeprefix("torch."),
+        "trained_in": ours.trained_in,
         "train_images": len(data.train), "val_images": len(data.val), "threads": torch.get_num_threads()}
     print(json.dumps(figures))
     write_section(SECTION, "\n".join([

@@ -8,8 +8,9 @@ process's peak grew from 1.75 GB at 1,764 images to 2.40 GB at 7,056, and to
 4.8 GB at 20,004 in bench/scale.py. ``malloc_trim(0)`` after every batch kept it
 at 1.33 GB at 7,056 images, where a fixed ``MALLOC_MMAP_THRESHOLD_`` (fresh
 zeroed mappings for every activation) cost about 15%. Trimming makes the next
-allocations fault their pages in again, so callers trim every few batches. Neither torch nor psutil exposes this; other C libraries (macOS,
-musl) return memory on their own, and there it is a no-op.
+allocations fault their pages in again, so callers trim every few batches.
+Neither torch nor psutil exposes this; other C libraries (macOS, musl) return
+memory on their own, and there it is a no-op.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Layout of one backbone's feature store (``data/features/<backbone>/``)::
     <part>.maps.npy          last conv feature maps (N x C x H x W float16)
 
 Maps are written batch by batch into a memory-mapped ``.npy`` and freed heap
-pages go back to the OS after every batch, so peak memory does not grow with
+pages go back to the OS every few batches, so peak memory does not grow with
 the dataset (only the small pooled vectors are held).
 Every file loads without pickle (safetensors, ``np.load(allow_pickle=False)``).
 """

@@ -233,7 +233,7 @@ def _meta(job: FinetuneJob, backbone: Backbone, data: SplitData, warm: WarmStart
         "param_counts": backbone.param_counts(),
         "best_epoch": state.best_epoch,
         # what finetune.autocast gave on this hardware: the figures depend on it
-        "trained_in": str(session.amp_dtype or torch.float32).removeprefix("torch."),
+        "trained_in": session.trained_in,
     }
 
 

@@ -191,6 +191,11 @@ class Session:
         """Whether the loss is scaled: float16 gradients underflow; bfloat16 has float32's range."""
         return self.amp_dtype == torch.float16
 
+    @property
+    def trained_in(self) -> str:
+        """The dtype the forward passes compute in, by name (``model.json``'s ``trained_in``)."""
+        return str(self.amp_dtype or torch.float32).removeprefix("torch.")
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
