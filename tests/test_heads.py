@@ -185,7 +185,7 @@ def test_early_stopping_restores_the_best_epoch():
     head = make_head(
         "linear",
         {"hidden": 128, "dropout": 0.0, "lr": 1e-2, "weight_decay": 0.0, "batch_size": 16,
-         "max_epochs": max_epochs, "patience": patience, "random_state": 0},
+         "max_epochs": max_epochs, "patience": patience, "min_delta": 0.0, "random_state": 0},
     )
     fit(head, train_noise, eval_set=val_noise)
 
@@ -204,6 +204,32 @@ def test_early_stopping_restores_the_best_epoch():
     recomputed = -np.mean(np.log(proba[np.arange(len(y_idx)), y_idx]))
     assert recomputed == pytest.approx(best["val_loss"], rel=1e-5)
     assert np.mean(head.predict(val_noise[0]) == val_noise[1]) == pytest.approx(best["val_acc"])
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_min_delta_stops_when_the_val_loss_only_creeps_down(kind, train, val):
+    # Separable clusters: the val loss keeps falling by tiny amounts long after every val map is right.
+    patience, max_epochs = 3, 60
+    histories = {}
+    for min_delta in (0.0, 0.05):
+        head = fit(fast_head(kind, max_epochs=max_epochs, patience=patience, min_delta=min_delta), train,
+                   eval_set=val)
+        histories[min_delta] = head.history_
+        losses = [h["val_loss"] for h in head.history_]
+        # an epoch improves only when it beats the best so far by more than min_delta
+        best, best_epoch = float("inf"), 0
+        for epoch, loss in enumerate(losses, 1):
+            if loss < best - min_delta:
+                best, best_epoch = loss, epoch
+        assert head.best_epoch_ == best_epoch
+        assert len(losses) == max_epochs or len(losses) == best_epoch + patience
+    assert len(histories[0.05]) < len(histories[0.0])
+    assert histories[0.05] == histories[0.0][: len(histories[0.05])]  # same epochs until it stops
+
+
+def test_min_delta_is_validated():
+    with pytest.raises(ParamsError, match="min_delta: got -0.1; allowed: a number >= 0"):
+        fit(fast_head("linear", min_delta=-0.1), (make_maps(12, seed=1)))
 
 
 def test_without_eval_set_early_stopping_monitors_train_loss(train):

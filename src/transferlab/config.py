@@ -122,6 +122,9 @@ class TorchHeadParams(Section):
     max_epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
     patience: int = Field(10, ge=1)
+    # the least fall of the val loss (nats per image) that counts as an improvement for early stopping:
+    # on an easy split the loss creeps down by 1e-5 an epoch long after every val image is right
+    min_delta: float = Field(1e-3, ge=0)
     class_weight: ClassWeight = None
     random_state: int = Field(0, ge=0, le=SEED_MAX)
 

@@ -10,8 +10,9 @@ exactly).
 
 Early stopping: after every epoch the monitored figure of its record
 (``val_loss``, ``val_acc``, ``train_loss``...) is compared with the best so
-far; only a finite, strictly better value is an improvement (so a diverged
-epoch never is), and it copies the model's state as the best state. Training
+far; only a finite value better by more than the monitor's ``min_delta`` is an
+improvement (so a diverged epoch never is, nor one that gains a rounding
+error), and it copies the model's state as the best state. Training
 stops after ``max_epochs`` epochs or ``patience`` epochs in a row without an
 improvement. The caller loads the best state back (:func:`best_state`).
 
@@ -43,10 +44,16 @@ EpochHook = Callable[[dict[str, Any], "LoopState"], None]
 
 @dataclass(frozen=True)
 class Monitor:
-    """The record key early stopping watches, and whether larger is better."""
+    """The record key early stopping watches, whether larger is better, and the least gain that counts.
+
+    ``min_delta`` (Keras' and Lightning's name) is in the figure's own units. A
+    loss that creeps down by 1e-5 an epoch after the val split is already all
+    right would otherwise keep an easy problem training to ``max_epochs``.
+    """
 
     key: str
     maximize: bool = False
+    min_delta: float = 0.0
 
     def initial(self) -> float:
         return -math.inf if self.maximize else math.inf
@@ -54,7 +61,7 @@ class Monitor:
     def improves(self, value: float | None, best: float) -> bool:
         if value is None or not math.isfinite(value):
             return False
-        return value > best if self.maximize else value < best
+        return value > best + self.min_delta if self.maximize else value < best - self.min_delta
 
 
 @dataclass

@@ -79,6 +79,7 @@ class TrainConfig:
     batch_size: int
     patience: int
     seed: int
+    min_delta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def train_module(
 
     The monitored quantity is the validation loss when ``eval_set`` is given,
     else the epoch's running training loss. Training stops after ``patience``
-    epochs without a strict improvement, and the weights of the best epoch are
+    epochs without an improvement by more than ``cfg.min_delta``, and the weights of the best epoch are
     loaded back. Validation loss uses the same (optionally class-weighted)
     cross-entropy as training. Shuffling draws from a local generator seeded
     with ``cfg.seed``; dropout uses torch's global generator, which the caller
@@ -153,7 +154,7 @@ def train_module(
     if eval_set is not None:
         X_val, y_val = eval_set[0], torch.from_numpy(eval_set[1])
         val_batches = lambda: _labelled(X_val, y_val, np.arange(len(X_val)), cfg.batch_size)  # noqa: E731
-    monitor = Monitor("train_loss" if eval_set is None else "val_loss")
+    monitor = Monitor("train_loss" if eval_set is None else "val_loss", min_delta=cfg.min_delta)
     state = run(Loop(module, optimizer, loss_fn, train_batches, val_batches, monitor, cfg.max_epochs, cfg.patience,
                      device=device))
     best = best_state(state)

@@ -77,6 +77,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     max_epochs: int
     batch_size: int
     patience: int
+    min_delta: float
     class_weight: str | None
     dropout: float
     random_state: Any
@@ -102,6 +103,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         check(
             is_number(self.dropout) and 0 <= self.dropout < 1,
             f"dropout: got {self.dropout!r}; allowed: a number in [0, 1)",
+        )
+        check(
+            is_number(self.min_delta) and self.min_delta >= 0,
+            f"min_delta: got {self.min_delta!r}; allowed: a number >= 0",
         )
         for name in ("max_epochs", "batch_size", "patience"):
             check_int(name, getattr(self, name), 1)
@@ -152,6 +157,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
             batch_size=int(self.batch_size),
             patience=int(self.patience),
             seed=seed_from(self.random_state),
+            min_delta=float(self.min_delta),
         )
 
     def _class_weights(self, y_idx: NDArray[np.int64]) -> NDArray[np.float64] | None:
@@ -221,6 +227,7 @@ class LinearHead(_TorchHead):
         max_epochs: int = _LINEAR.max_epochs,
         batch_size: int = _LINEAR.batch_size,
         patience: int = _LINEAR.patience,
+        min_delta: float = _LINEAR.min_delta,
         class_weight: str | None = _LINEAR.class_weight,
         random_state: Any = _LINEAR.random_state,
         device: str = "cpu",
@@ -232,6 +239,7 @@ class LinearHead(_TorchHead):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.patience = patience
+        self.min_delta = min_delta
         self.class_weight = class_weight
         self.random_state = random_state
         self.device = device
@@ -267,6 +275,7 @@ class GapHead(_TorchHead):
         max_epochs: int = _GAP.max_epochs,
         batch_size: int = _GAP.batch_size,
         patience: int = _GAP.patience,
+        min_delta: float = _GAP.min_delta,
         class_weight: str | None = _GAP.class_weight,
         random_state: Any = _GAP.random_state,
         device: str = "cpu",
@@ -277,6 +286,7 @@ class GapHead(_TorchHead):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.patience = patience
+        self.min_delta = min_delta
         self.class_weight = class_weight
         self.random_state = random_state
         self.device = device
