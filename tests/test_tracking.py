@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,62 @@ def test_execution_key_follows_dvc_invoker(tmp_path: Path, monkeypatch: pytest.M
     assert first[0] == first[1]
     assert second[0] == second[1]
     assert first[0] != second[0]
+
+
+def test_execution_key_holds_while_dvc_rewrites_a_committed_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC's own workflow commits dvc.lock; `dvc repro` rewrites it after each stage, so the tree turns dirty
+    between two stages of one execution. Both stages must still find one parent run."""
+    monkeypatch.delenv("TRANSFERLAB_EXECUTION", raising=False)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull}
+    (tmp_path / "params.yaml").write_text("split: {seed: 1}\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "locked"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    fake = tmp_path / "dvc"
+    code = "from transferlab import tracking; print(tracking.execution_key('.'), tracking.git_state('.')[1])"
+    fake.write_text(f"#!/bin/sh\n'{sys.executable}' -c \"{code}\"\necho 'stages: {{}}' >> dvc.lock\n"
+                    f"'{sys.executable}' -c \"{code}\"\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    lines = subprocess.run([str(fake)], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    (first, first_dirty), (second, second_dirty) = (line.split() for line in lines.splitlines())
+    assert (first_dirty, second_dirty) == ("False", "True")  # the lock's rewrite did make the tree dirty
+    assert first == second
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's procfs")
+def test_process_identity_ignores_a_stepped_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NTP may step the clock mid-pipeline; psutil then reports another boot time and create_time.
+    A live stage must keep its identity: its parent run stays one and it is never marked KILLED."""
+    import psutil
+
+    mine = tracking.execution.this_process()
+    host = tracking.execution.host_id()
+    started = psutil.Process().create_time()
+    stepped = psutil.boot_time() + 1.0
+    monkeypatch.setattr(psutil, "boot_time", lambda: stepped)
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: stepped)  # what create_time() adds
+    assert psutil.Process().create_time() == pytest.approx(started + 1.0)  # the step psutil would see
+    assert tracking.execution.this_process() == mine
+    assert tracking.execution.host_id() == host
+    assert tracking.execution.is_alive(mine)
+
+
+def test_a_process_that_ended_is_not_alive_even_before_it_is_reaped() -> None:
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    identity = tracking.execution.process_id(psutil.Process(child.pid))
+    assert tracking.execution.is_alive(identity)
+    assert child.stdin is not None
+    child.stdin.close()
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # ended, not reaped yet
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not tracking.execution.is_alive(identity)
+    child.wait()
+    assert not tracking.execution.is_alive(identity)
 
 
 def test_store_is_the_projects_from_dvc_root_or_git_common_dir(
