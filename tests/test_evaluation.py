@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from transferlab import config, tracking
 from transferlab.config import EvaluateParams, TrainHeadParams
-from transferlab.evaluation.evaluate import champion, figures, find_models, score
+from transferlab.evaluation.evaluate import backbone_gflops, champion, figures, find_models, score
 from transferlab.evaluation.metrics import SelectionError
 from transferlab.evaluation.reports import write_reports
 from transferlab.models.features import MANIFEST
@@ -137,3 +137,17 @@ def test_select_by_val_loss_without_any_val_loss_is_a_user_error(uncalibrated_sv
     # with another model that has a val_loss, that one is chosen, whatever the SVM's accuracy
     other = results[0] | {"model": "other", "val_accuracy": 0.0, "val_loss": 2.0}
     assert champion([*results, other], params)["model"] == "other"
+
+
+def test_backbone_gflops_on_the_meta_device_equals_a_real_forward_count() -> None:
+    """The comparison table's GFLOPs are counted on shapes alone; a forward on real tensors counts the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from transferlab.models.backbones import NO_WEIGHTS, load_backbone
+
+    backbone = load_backbone("mobilenet_v2", weights=NO_WEIGHTS)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        backbone.forward_features(torch.zeros(1, 3, 160, 160))
+    assert counter.get_total_flops() > 0
+    assert backbone_gflops("mobilenet_v2", 160) == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-12)

@@ -110,11 +110,16 @@ def score(ref: ModelRef, features_root: Path, split: pd.DataFrame, images_root: 
 
 
 def backbone_gflops(name: str, crop_size: int) -> float:
-    """Forward GFLOPs of one image through the backbone (architecture only: nothing downloaded)."""
-    backbone = load_backbone(name, weights=NO_WEIGHTS)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        backbone.forward_features(torch.zeros(1, 3, crop_size, crop_size))
+    """Forward GFLOPs of one image through the backbone (architecture only: nothing downloaded).
+
+    Counted on the meta device: shapes only, no weights initialised and no
+    arithmetic done (0.2 s of CPU for Lite0 instead of 2.2 s), the same count.
+    """
+    with torch.device("meta"):
+        backbone = load_backbone(name, weights=NO_WEIGHTS)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            backbone.forward_features(torch.zeros(1, 3, crop_size, crop_size))
     return counter.get_total_flops() / GIGA
 
 
