@@ -11,7 +11,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -173,6 +173,24 @@ def test_head_predictor_round_trip_gives_the_same_probabilities(backbone: Backbo
     spec = read_spec(tmp_path / "pred")
     assert spec["kind"] == "head" and spec["weights_arg"] == NO_WEIGHTS
     assert set(spec["decode"]) == {"max_side", "max_pixels", "max_file_mb"}
+
+
+def test_predictor_runs_its_network_in_the_layout_training_used(predictor: Predictor,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images and conv weights in device.IMAGE_FORMAT (channels_last), as in extract and finetune: on the CPU
+    the NCHW path is about 2x slower, and the probabilities must not depend on the layout (round-trip test)."""
+    from transferlab.device import IMAGE_FORMAT
+
+    layouts: list[tuple[bool, bool]] = []
+    conv = torch.nn.Conv2d._conv_forward
+
+    def spy(self: torch.nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+        layouts.append((x.is_contiguous(memory_format=IMAGE_FORMAT), weight.is_contiguous(memory_format=IMAGE_FORMAT)))
+        return conv(self, x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", spy)
+    predictor.predict_proba([Image.fromarray(_image((200, 30, 30), 99))])
+    assert layouts and layouts[0] == (True, True)
 
 
 def test_binary_svm_probabilities_do_not_depend_on_the_batch(backbone: Backbone, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from transferlab.config import EvaluateParams
 from transferlab.data.images import image_loader
-from transferlab.device import autocast
+from transferlab.device import autocast, conv_net_to, images_to
 from transferlab.evaluation.metrics import evaluate_predictions, select_best
 from transferlab.models.backbones import NO_WEIGHTS, load_backbone
 from transferlab.models.features import load_part
@@ -78,13 +78,13 @@ def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path, batc
     from transferlab.models.finetuned import load_finetuned
 
     module, meta, backbone = load_finetuned(ref.path)
-    module.to(device)
+    conv_net_to(module, device)  # the layout extract and finetune run in (device.IMAGE_FORMAT)
     rows = split[split["part"] == TEST]
     items = [(images_root / p, 0) for p in rows["path"]]
     probs = []
     with torch.inference_mode(), autocast(device):
         for images, _ in image_loader(items, backbone.eval_transform, batch_size, device, num_workers):
-            logits = module(images.to(device, non_blocking=True)).float()  # autocast may give half precision
+            logits = module(images_to(images, device)).float()  # autocast may give half precision
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())
     proba = np.concatenate(probs).astype(np.float64)
     proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows miss 1 by ~1e-7; log loss checks

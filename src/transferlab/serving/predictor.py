@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from scipy.special import softmax
 
 from transferlab.data import imaging
-from transferlab.device import autocast
+from transferlab.device import autocast, conv_net_to, images_to
 from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
 from transferlab.config import IngestParams
 from transferlab.models.heads import load_head
@@ -93,7 +93,7 @@ class Predictor:
         with torch.inference_mode(), autocast(self.device):
             for i in range(0, len(images), batch_size):
                 batch = torch.stack([self.transform(img) for img in images[i : i + batch_size]])
-                out.append(self.scores(batch.to(self.device, non_blocking=True)))
+                out.append(self.scores(images_to(batch, self.device)))
         return np.concatenate(out) if out else np.empty((0, len(self.classes)))
 
     def open_image(self, source: ImageSource | None) -> Image.Image:
@@ -163,7 +163,7 @@ def array_to_png(array: np.ndarray) -> bytes:
 
 def _head_scores(backbone: Backbone, head: Any) -> Callable[[torch.Tensor], np.ndarray]:
     def scores(batch: torch.Tensor) -> np.ndarray:
-        maps = backbone.forward_features(batch).float().cpu().numpy()  # the head works on host arrays
+        maps = backbone.forward_features(batch).float().cpu().contiguous().numpy()  # host arrays, NCHW order
         if hasattr(head, "predict_proba"):
             return np.asarray(head.predict_proba(maps))
         return _margin_softmax(np.asarray(head.decision_function(maps)))
@@ -271,9 +271,9 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Pred
         from transferlab.models.finetuned import load_finetuned
 
         module, _, backbone = load_finetuned(path)
-        scores = _module_scores(module.eval().to(device))
+        scores = _module_scores(conv_net_to(module.eval(), device))
     else:
         backbone = _load_head_backbone(path, spec)
-        backbone.module.eval().to(device)
+        conv_net_to(backbone.module.eval(), device)
         scores = _head_scores(backbone, load_head(path / HEAD_FILE))
     return Predictor(list(spec["classes"]), backbone.eval_transform, scores, spec, decoding, device)
