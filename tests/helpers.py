@@ -176,6 +176,29 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
+def run_queue(root: Path, env: dict[str, str], jobs: int, wait_s: float) -> str:
+    """`dvc queue start -j jobs`, wait until nothing is queued or running, stop the workers; `dvc queue status`."""
+    import re
+    import time
+
+    def status() -> str:
+        return subprocess.run(["dvc", "queue", "status"], cwd=root, env=env, capture_output=True, text=True,
+                              check=True).stdout
+
+    # the workers it starts outlive it and inherit its output: captured pipes would never close
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, check=True, timeout=120,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    try:
+        while re.search(r"\b(Running|Queued)\b", status()):
+            assert time.monotonic() < deadline, status()
+            time.sleep(5)
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, timeout=120,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return status()
+
+
 # project copies: shared with the benchmarks, which never import test code
 from projects import (  # noqa: E402,F401 - re-exported for the tests
     HYMENOPTERA_CANDIDATES, PROJECT_ROOT, VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env,

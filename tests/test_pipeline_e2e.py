@@ -7,7 +7,6 @@ import importlib.util
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import copy_project, kill_tree, project_env, stage_processes
+from helpers import copy_project, kill_tree, project_env, run_queue, stage_processes
 from transferlab import cli, tracking
 from transferlab import device as device_module
 from transferlab.training import finetune as finetune_training
@@ -209,11 +208,6 @@ def test_killed_finetune_resumes_on_next_repro(project: tuple[Path, dict[str, st
     assert (root / "models/finetune/efficientnet_lite0/model.safetensors").exists()
 
 
-def _queue_idle(root: Path, env: dict[str, str]) -> bool:
-    status = run(["dvc", "queue", "status"], root, env)
-    return not re.search(r"\b(Running|Queued)\b", status)
-
-
 def test_queued_experiments_run_in_parallel_and_land_in_the_one_store(project: tuple[Path, dict[str, str]]) -> None:
     """As a user would after `make demo`: two queued experiments, two workers, no extra setup."""
     root, env = project
@@ -222,16 +216,7 @@ def test_queued_experiments_run_in_parallel_and_land_in_the_one_store(project: t
     before = {r.info.run_id for r in c.search_runs([exp])}
     for lr in ("0.002", "0.0005"):
         run(["dvc", "exp", "run", "--queue", "-S", f"finetune.lr={lr}"], root, env)
-    # the workers it starts outlive it and inherit its output: captured pipes would never close
-    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, check=True, timeout=120,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + QUEUE_WAIT_S
-    while not _queue_idle(root, env):
-        assert time.monotonic() < deadline, run(["dvc", "queue", "status"], root, env)
-        time.sleep(5)
-    subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, timeout=120,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    status = run(["dvc", "queue", "status"], root, env)
+    status = run_queue(root, env, jobs=2, wait_s=QUEUE_WAIT_S)
     assert status.count("Success") >= 2 and "Failed" not in status, status
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))

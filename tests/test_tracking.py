@@ -277,3 +277,19 @@ def test_a_stage_run_leaves_mlflow_process_state_alone(store: Path) -> None:
         assert mlflow.active_run() is None  # logged through the store's client, not the fluent run stack
         assert tracking.client(store).get_run(run.run_id).info.status == "RUNNING"
     assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == before
+
+
+def test_runs_belong_to_the_servers_login_else_this_machines_user(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    with tracking.stage_run("split", {}, store / "a.json", root=store):
+        pass
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    with tracking.stage_run("ingest", {}, store / "b.json", root=store):
+        pass
+    c = tracking.client(store)
+    a, b = (json.loads((store / f).read_text()) for f in ("a.json", "b.json"))
+    assert c.get_run(a["run_id"]).info.user_id == "alice"
+    assert c.get_run(b["run_id"]).info.user_id == getpass.getuser()
+    assert c.get_run(a["parent_run_id"]).info.user_id == "alice"

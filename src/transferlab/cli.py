@@ -19,6 +19,7 @@ from transferlab import __version__
 from transferlab.config import EvaluateParams, Params, load
 from transferlab.errors import EXIT_USER_ERROR, UserError
 from transferlab.data.sources import SourceError, check_layout, get_source, skipped_files
+from transferlab.tracking import server as team_server
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary(subparsers)
     _add_compare(subparsers)
     _add_predict(subparsers)
+    team_server.add_parser(subparsers)
     return parser
 
 

@@ -10,6 +10,7 @@ that fails with an exception marks its run and its parent FAILED.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import json
 import os
@@ -22,7 +23,9 @@ from typing import Any, Iterator, Mapping
 from transferlab.config import read_yaml
 from transferlab.io import atomic_write_text
 from transferlab.tracking.execution import EXP_NAME_ENV, execution_key, git_state, host_id, is_alive, this_process
-from transferlab.tracking.store import Store, open_store
+from transferlab.tracking.store import (
+    Store, TrackingError, is_remote, lost_connection, open_store, unreachable_reason,
+)
 
 TAG_KIND = "transferlab.kind"
 TAG_KEY = "transferlab.execution_key"
@@ -34,6 +37,8 @@ TAG_COMMIT = "git.commit"
 TAG_DIRTY = "git.dirty"
 TAG_EXP_NAME = "dvc.exp_name"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_USER = "mlflow.user"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 KIND_PIPELINE, KIND_STAGE = "pipeline", "stage"
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 BATCH = 1000  # MLflow's documented per-request limit for metrics in log_batch
@@ -66,9 +71,18 @@ def _log_params(c: Any, run_id: str, flat: Mapping[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
 
 
+def who() -> str:
+    """The user a run belongs to: the tracking server's login when there is one, else this machine's user."""
+    try:
+        return os.environ.get(USERNAME_ENV) or getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry and no $USER
+        return "unknown"
+
+
 def _base_tags(root: str | Path, key: str) -> dict[str, str]:
     commit, dirty = git_state(root)
-    tags = {TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(), TAG_KEY: key}
+    # mlflow.user is what MLflow makes a run's user_id of (the UI's "User" column)
+    tags = {TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(), TAG_KEY: key, TAG_USER: who()}
     exp_name = os.environ.get(EXP_NAME_ENV)
     if exp_name:
         tags[TAG_EXP_NAME] = exp_name
@@ -241,26 +255,52 @@ def stage_run(stage: str, params: Mapping[str, Any], record: str | Path, root: s
     """
     store = store or open_store(root)
     key = execution_key(root)
-    parent = parent_run(store, root, key)
-    mark_orphans(store, keep=frozenset({parent}))
-    tags = _base_tags(root, key) | _owner_tags() | {
-        TAG_KIND: KIND_STAGE, TAG_STAGE: stage, TAG_PARAMS_HASH: stable_hash(dict(params)), TAG_PARENT: parent,
-    }
-    # the store's own client, not MLflow's fluent run stack: nothing process-wide changes per stage
-    run = store.client.create_run(store.experiment_id, run_name=stage, tags=tags)
-    handle = StageRun(str(run.info.run_id), parent, stage, store.client)
+    with _server_kept(store, stage):
+        parent = parent_run(store, root, key)
+        mark_orphans(store, keep=frozenset({parent}))
+        tags = _base_tags(root, key) | _owner_tags() | {
+            TAG_KIND: KIND_STAGE, TAG_STAGE: stage, TAG_PARAMS_HASH: stable_hash(dict(params)), TAG_PARENT: parent,
+        }
+        # the store's own client, not MLflow's fluent run stack: nothing process-wide changes per stage
+        run = store.client.create_run(store.experiment_id, run_name=stage, tags=tags)
+        handle = StageRun(str(run.info.run_id), parent, stage, store.client)
     try:
-        handle.log_params(params)
-        yield handle
+        with _server_kept(store, stage):
+            handle.log_params(params)
+            yield handle
     except BaseException:
-        store.client.set_terminated(handle.run_id, status=FAILED)
-        store.client.set_terminated(parent, status=FAILED)
+        with contextlib.suppress(Exception):  # best effort: a server that is gone cannot be told
+            store.client.set_terminated(handle.run_id, status=FAILED)
+            store.client.set_terminated(parent, status=FAILED)
         raise
-    store.client.set_terminated(handle.run_id, status=FINISHED)
-    store.client.set_terminated(parent, status=FINISHED)  # moves the parent's end time along
+    with _server_kept(store, stage):
+        store.client.set_terminated(handle.run_id, status=FINISHED)
+        store.client.set_terminated(parent, status=FINISHED)  # moves the parent's end time along
     info = {"stage": stage, "run_id": handle.run_id, "parent_run_id": parent, "experiment_id": store.experiment_id,
             "tracking_uri": store.uri, "execution_key": key}
     atomic_write_text(record, json.dumps(info, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _server_kept(store: Store, stage: str) -> Iterator[None]:
+    """A tracking server lost mid-stage becomes one TrackingError line; DVC then records no outputs.
+
+    The stage fails rather than finishing unlogged: its outputs would otherwise
+    be cached with no run to name them, and `dvc repro` reruns a failed stage
+    (a fine-tuning resumes from its checkpoint) once the server is back.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - MLflow and requests raise many kinds for one lost server
+        from mlflow.exceptions import MlflowException
+        from requests.exceptions import RequestException
+
+        client_error = isinstance(exc, (MlflowException, RequestException))
+        if not (client_error and is_remote(store.uri) and lost_connection(str(exc))):
+            raise
+        raise TrackingError(f"lost the MLflow tracking server {store.uri} during {stage} "
+                            f"({unreachable_reason(str(exc))}); the stage failed and DVC records none of its "
+                            "outputs: run `dvc repro` again once the server is back") from None
 
 
 def link_test_figures(run: StageRun, training_record: str | Path, model: str, figures: Mapping[str, Any]) -> None:

@@ -101,9 +101,14 @@ _REASONS = (("Connection refused", "connection refused"), ("NewConnectionError",
             ("SSLError", "TLS handshake failed"))
 
 
-def _unreachable_reason(text: str) -> str:
+def unreachable_reason(text: str) -> str:
     return next((short for needle, short in _REASONS if needle in text),
                 text.split(" failed with exception ")[-1][:120])
+
+
+def lost_connection(text: str) -> bool:
+    """Whether an error's text says the server did not answer (not that it answered with an error)."""
+    return any(needle in text for needle, _ in _REASONS) or "Max retries exceeded" in text
 
 
 def probe(uri: str) -> None:
@@ -116,7 +121,7 @@ def probe(uri: str) -> None:
                                 backoff_factor=1, timeout=PROBE_TIMEOUT_S, raise_on_status=False,
                                 params={"experiment_name": EXPERIMENT})
     except Exception as exc:  # noqa: BLE001 - requests/urllib3 raise many kinds for one "unreachable"
-        reason = _unreachable_reason(str(exc))
+        reason = unreachable_reason(str(exc))
         raise TrackingError(f"cannot reach the MLflow tracking server {uri} ({reason}); start it, fix "
                             f"{TRACKING_ENV}, or unset it to use the project's local store") from None
     if response.status_code in HTTP_AUTH:
