@@ -50,6 +50,9 @@ class IngestParams(Section):
     extensions: list[str] | None = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     # decoding processes; None: the cores this process may use. Outputs do not depend on it.
     workers: int | None = Field(None, ge=1)
+    # near-duplicates: pHash (64 bits) distance up to which two images are one group; null: exact duplicates only
+    near_dup_distance: int | None = Field(8, ge=0, le=32)
+    near_dup_mirror: bool = True  # a mirrored copy is a near-duplicate too
 
     @model_validator(mode="after")
     def _dotted(self) -> IngestParams:
