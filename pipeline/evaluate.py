@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from transferlab import config, paths, tracking
-from transferlab.audit.job import read_audit
+from transferlab.audit.show import read_audit
 from transferlab.config import IngestParams
 from transferlab.device import decode_workers, resolve_device
 from transferlab.errors import exit_on_user_error

@@ -210,8 +210,7 @@ def _add_compare(subparsers: Any) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from transferlab.audit.job import read_audit  # reads feature stores: torch, only for this command
-    from transferlab.audit.show import format_audit
+    from transferlab.audit.show import format_audit, read_audit
 
     print(format_audit(read_audit(args.report), args.limit))
     return EXIT_OK

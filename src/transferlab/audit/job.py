@@ -20,17 +20,13 @@ from transferlab.audit.labels import label_suspects
 from transferlab.audit.leaks import find_leaks, leaked
 from transferlab.audit.sheets import leak_sheet, suspect_sheet
 from transferlab.config import PARTS, AuditParams
-from transferlab.errors import UserError
+from transferlab.audit.show import AuditError, read_audit  # noqa: F401 - read_audit: re-exported for evaluate
 from transferlab.io import atomic_write_json
 from transferlab.models.features import PartFeatures, load_part
 
 LEAK_SHEET = "leaks.png"
 SUSPECT_SHEET = "label_suspects.png"
 FIT_PARTS = ("train", "val")  # the parts the models learn from and are chosen on: where label errors matter
-
-
-class AuditError(UserError, ValueError):
-    """The audit cannot read what it needs."""
 
 
 def _parts(store: Path) -> dict[str, PartFeatures]:
@@ -96,11 +92,3 @@ def audit(store: Path, images: Path, manifest_csv: Path, ingest_report: Path, pa
     suspect_sheet(labels["suspects"], Path(images), Path(sheets) / SUSPECT_SHEET, params.sheet_rows)
     atomic_write_json(out_json, report)
     return report
-
-
-def read_audit(path: Path) -> dict[str, Any]:
-    """``reports/audit.json``; AuditError naming the stage that writes it when it is not there."""
-    path = Path(path)
-    if not path.exists():
-        raise AuditError(f"{path} not found: run `dvc repro` (the audit stage writes it)")
-    return json.loads(path.read_text(encoding="utf-8"))

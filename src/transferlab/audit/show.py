@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from transferlab.errors import UserError
 
 RAW = "data/raw"
 PREPARED = "data/prepared"
+
+
+class AuditError(UserError, ValueError):
+    """The audit cannot read what it needs."""
+
+
+def read_audit(path: Path) -> dict[str, Any]:
+    """``reports/audit.json``; AuditError naming the stage that writes it when it is not there."""
+    path = Path(path)
+    if not path.exists():
+        raise AuditError(f"{path} not found: run `dvc repro` (the audit stage writes it)")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _groups(title: str, groups: list[list[str]], limit: int) -> list[str]:
