@@ -2,6 +2,8 @@
 
 Outputs: reports/{metrics.json, comparison.csv, comparison.md, confusion/,
 confusion_png/, roc/, run.json} and the champion predictor models/champion/.
+With the audit's reports/audit.json, every model's test accuracy is also given
+without the test images it flagged as likely leaks (accuracy_without_leaks).
 The champion is registered last, once every figure and file is written, so a
 failed evaluate never leaves a registered version behind.
 """
@@ -14,11 +16,12 @@ from pathlib import Path
 import pandas as pd
 
 from transferlab import config, paths, tracking
+from transferlab.audit.show import read_audit
 from transferlab.config import IngestParams
 from transferlab.device import decode_workers, resolve_device
 from transferlab.errors import exit_on_user_error
 from transferlab.evaluation.evaluate import (
-    ModelRef, backbone_gflops, champion, figures, find_models, missing_outputs, score,
+    ModelRef, backbone_gflops, champion, figures, find_models, missing_outputs, score, without_leaks,
 )
 from transferlab.evaluation.reports import metric_summary, write_reports
 from transferlab.models.backbones import load_backbone
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, default=paths.FEATURES, help=f"default: {paths.FEATURES}")
     parser.add_argument("--models", type=Path, default=paths.MODELS, help=f"default: {paths.MODELS}")
     parser.add_argument("--reports", type=Path, default=paths.REPORTS, help=f"default: {paths.REPORTS}")
+    parser.add_argument("--audit", type=Path, default=paths.AUDIT_REPORT,
+                        help=f"the audit's findings: test accuracy without its leaked images (default: {paths.AUDIT_REPORT})")
     args = parser.parse_args(argv)
     all_params = config.load(paths.PARAMS)
     params, extract, finetune = all_params.evaluate, all_params.extract, all_params.finetune
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                   for ref in refs]
         gflops = {b: backbone_gflops(b, read_manifest(args.features / b)["transform"]["crop_size"])
                   for b in extract.backbones}
-        results = [figures(s, params, gflops[s.ref.backbone]) for s in scored]
+        leaked = set(read_audit(args.audit)["leaked_test_images"])
+        results = [figures(s, params, gflops[s.ref.backbone]) | without_leaks(s, leaked) for s in scored]
         write_reports(scored, results, args.reports)
         for s, result in zip(scored, results):
             tracking.link_test_figures(run, s.ref.path / paths.RUN_RECORD, s.ref.name, metric_summary(result))
@@ -81,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         example = args.images / split.loc[split["part"] == "test", "path"].iloc[0]
         version = registry.log_champion(run, champion_dir, params.registered_model, example)
         print((args.reports / paths.REPORT_COMPARISON_MD).read_text())
+        if leaked:
+            print(f"without the {len(leaked)} test image(s) the audit flagged as likely leaks: " + ", ".join(
+                f"{r['model']} {r['accuracy_without_leaks']:.3f}" for r in results if r["accuracy_without_leaks"] is not None))
         print(f"champion (by {params.select_by}): {best['model']} -> models:/{params.registered_model}@champion"
               f" (version {version})")
 

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
             "images_kept": report["total"]["kept"],
             "images_rejected": report["total"]["rejected"],
             "duplicate_groups": len(report["duplicates"]),
+            "near_duplicate_groups": len(report["near_duplicates"]),
             "classes": len(report["counts"]),
         })
         run.log_artifact(args.out / "report.json")

@@ -204,3 +204,25 @@ from projects import (  # noqa: E402,F401 - re-exported for the tests
     HYMENOPTERA_CANDIDATES, PROJECT_ROOT, VAL_FROM_TRAIN, copy_project, find_hymenoptera, project_env,
     split_as_published,
 )
+
+
+def smooth_photo(seed: int, size: tuple[int, int] = (160, 120)) -> "Image.Image":
+    """A synthetic photo-like RGB image: smooth random structure (an 8 x 6 random image, bicubic-upscaled).
+
+    Distinct seeds give unrelated images, as far apart to a perceptual hash as two real photos.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    return small.resize(size, Image.Resampling.BICUBIC)
+
+
+def resized_recompressed(image: "Image.Image", path: Path, scale: float = 0.6, quality: int = 60) -> Path:
+    """Save a smaller, recompressed JPEG copy of ``image`` at ``path``: what a near-duplicate looks like."""
+    from PIL import Image
+
+    w, h = image.size
+    image.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS).save(path, "JPEG", quality=quality)
+    return path

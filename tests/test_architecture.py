@@ -12,8 +12,9 @@ PACKAGE = ROOT / "src" / "transferlab"
 MAX_LINES = 400
 # package -> packages of transferlab it must never import
 FORBIDDEN = {
-    "data": ("models", "training", "evaluation", "serving", "tracking", "cli", "preflight"),
-    "models": ("training", "evaluation", "serving", "tracking", "cli", "preflight"),
+    "data": ("models", "training", "evaluation", "serving", "tracking", "cli", "preflight", "audit"),
+    "models": ("training", "evaluation", "serving", "tracking", "cli", "preflight", "audit"),
+    "audit": ("training", "evaluation", "serving", "tracking", "cli", "preflight"),
     "training": ("evaluation", "serving", "tracking", "cli", "preflight"),
     "evaluation": ("serving", "tracking", "cli", "preflight"),
     "tracking": ("serving", "data", "models", "training", "evaluation", "cli", "preflight"),

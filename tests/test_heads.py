@@ -31,6 +31,7 @@ from transferlab import config
 from transferlab.config import ParamsError
 from transferlab.models.features import load_part
 from transferlab.models.heads import GapHead, LinearHead, SvmHead, load_head, make_head, persistence, registry
+from transferlab.models.heads.knn.estimator import KnnHead
 from transferlab.models.heads.registry import register_head
 from transferlab.models.heads.persistence import EXECUTION_PARAMS
 from transferlab.training.heads import train_head
@@ -45,9 +46,10 @@ FAST: dict[str, dict[str, Any]] = {
     "gap": {"lr": 5e-2, "max_epochs": 30, "batch_size": 32, "patience": 5},
     # no grid, no calibration: the head's own C and no CV folds (params.yaml's default grids and calibrates)
     "svm": {"max_iter": 2000, "C_grid": None, "calibrate": False},
+    "knn": {"k": 5},
 }
 TORCH_KINDS = ["linear", "gap"]
-ALL_KINDS = ["linear", "gap", "svm"]
+ALL_KINDS = ["linear", "gap", "svm", "knn"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,7 +78,8 @@ def val() -> tuple[np.ndarray, np.ndarray]:
 
 
 def fast_head(kind: str, **overrides: Any) -> Any:
-    return make_head(kind, {**FAST[kind], "random_state": 0, **overrides})
+    seeded = {"random_state": 0} if "random_state" in registry.spec(kind).params.model_fields else {}
+    return make_head(kind, {**FAST[kind], **seeded, **overrides})
 
 
 def fit(head: Any, data: tuple[np.ndarray, np.ndarray], eval_set: Any = None) -> Any:
@@ -131,7 +134,7 @@ def test_float16_and_float32_inputs_give_identical_outputs(kind, train):
 def test_balanced_class_weight_fits(train):
     X, y = train
     keep = np.flatnonzero(y != "eel")[:150].tolist() + np.flatnonzero(y == "eel")[:10].tolist()
-    for kind in ALL_KINDS:
+    for kind in ["linear", "gap", "svm"]:  # knn has no class weights: a vote is a vote
         head = fast_head(kind, class_weight="balanced").fit(X[keep], y[keep])
         assert np.mean(head.predict(X[keep]) == y[keep]) >= 0.95
 
@@ -379,6 +382,47 @@ def test_svm_accepts_pooled_vectors_and_maps_alike(train, val):
     np.testing.assert_allclose(head.decision_function(pooled), head.decision_function(val[0]))
 
 
+# ------------------------------------------------------------------------- KnnHead
+
+
+def test_knn_probabilities_are_smoothed_cosine_votes():
+    # three training rows: two "a" along x, one "b" along y; the query sits at 30 degrees from x
+    X = np.array([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0]])
+    y = np.array(["a", "a", "b"])
+    query = np.array([[np.cos(np.pi / 6), np.sin(np.pi / 6)]])
+    uniform = make_head("knn", {"k": 2, "weights": "uniform", "smoothing": 0.5}).fit(X, y)
+    # the two nearest by cosine are the two "a" rows (scale does not matter): (2 + 0.5) / (2 + 2 * 0.5)
+    np.testing.assert_allclose(uniform.predict_proba(query), [[2.5 / 3, 0.5 / 3]])
+    weighted = make_head("knn", {"k": 3, "weights": "distance", "smoothing": 0.0}).fit(X, y)
+    sims = (X / np.linalg.norm(X, axis=1, keepdims=True)) @ query[0]
+    votes = 1 / (1 - sims)
+    expected_b = votes[2] / votes.sum()
+    np.testing.assert_allclose(weighted.predict_proba(query)[0, 1], expected_b, rtol=1e-5)
+    assert weighted.predict(query).tolist() == ["a"]
+
+
+def test_knn_k_larger_than_the_training_set_uses_every_row(train):
+    X, y = train
+    head = make_head("knn", {"k": 10_000, "weights": "uniform", "smoothing": 0.0}).fit(X[:30], y[:30])
+    counts = np.array([np.sum(y[:30] == c) for c in head.classes_]) / 30
+    np.testing.assert_allclose(head.predict_proba(X[:2]), [counts, counts])
+
+
+def test_knn_learns_from_a_handful_per_class(train, val):
+    X, y = train
+    few = np.concatenate([np.flatnonzero(y == c)[:3] for c in LABELS])  # three images per class
+    head = make_head("knn", {"k": 3}).fit(X[few], y[few])
+    assert np.mean(head.predict(val[0]) == val[1]) >= 0.9
+    assert head.n_params_ == 0
+
+
+def test_knn_params_are_validated():
+    with pytest.raises(ParamsError, match="k: got 0; allowed: an int >= 1"):
+        make_head("knn", {"k": 0})
+    with pytest.raises(ParamsError, match="weights: got 'cosine'; allowed: uniform, distance"):
+        make_head("knn", {"weights": "cosine"})
+
+
 # -------------------------------------------------------------------- persistence
 
 
@@ -394,7 +438,7 @@ def test_save_load_round_trip(kind, train, val, tmp_path: Path):
     np.testing.assert_array_equal(loaded.classes_, head.classes_)
     np.testing.assert_array_equal(loaded.predict(val[0]), head.predict(val[0]))
     np.testing.assert_array_equal(loaded.predict_proba(val[0]), head.predict_proba(val[0]))
-    if kind != "svm":
+    if kind in TORCH_KINDS:
         assert loaded.history_ == head.history_ and loaded.best_epoch_ == head.best_epoch_
         assert loaded.n_params_ == head.n_params_
 
@@ -437,7 +481,7 @@ def test_make_head_builds_each_kind():
 @pytest.mark.parametrize(
     ("kind", "params", "message"),
     [
-        ("knn", {}, "unknown head kind 'knn'; allowed: linear, gap, svm"),
+        ("forest", {}, "unknown head kind 'forest'; allowed: linear, gap, svm, knn"),
         ("gap", {"hidden": 8}, "unknown param\\(s\\) hidden; allowed: batch_size, class_weight, device, dropout, lr"),
         ("linear", {"dropout": 1.5}, "dropout: got 1.5; allowed: a number in \\[0, 1\\)"),
         ("linear", {"max_epochs": 0}, "max_epochs: got 0; allowed: an int >= 1"),
@@ -457,6 +501,8 @@ CHECKED = [
     GapHead(**FAST["gap"]),
     SvmHead(C_grid=None, calibrate=False),
     SvmHead(calibrate=True, C_grid=[0.1, 1.0], cv=3),
+    KnnHead(k=3),
+    KnnHead(k=5, weights="uniform", smoothing=0.0),
 ]
 # Why each of these is expected to fail; xfail_strict keeps the list honest.
 CLASS_WEIGHT_DICT = (
@@ -471,6 +517,8 @@ CALIBRATED_ARGMAX = (
 
 
 def expected_failed_checks(estimator: Any) -> dict[str, str]:
+    if isinstance(estimator, KnnHead):
+        return {}  # no class_weight param: sklearn skips that check
     failing = {"check_class_weight_classifiers": CLASS_WEIGHT_DICT}
     if isinstance(estimator, SvmHead) and estimator.calibrate:
         failing["check_classifiers_train"] = CALIBRATED_ARGMAX
@@ -499,8 +547,8 @@ def test_estimator_defaults_are_the_params_models_defaults(kind: str) -> None:
 
 
 def test_builtin_specs() -> None:
-    assert registry.names() == ("linear", "gap", "svm")
-    assert [s.reads for s in registry.specs()] == ["maps", "pooled", "pooled"]
+    assert registry.names() == ("linear", "gap", "svm", "knn")
+    assert [s.reads for s in registry.specs()] == ["maps", "pooled", "pooled", "pooled"]
     assert [s.name for s in registry.specs() if s.warm_start is not None] == ["gap", "svm"]
     assert LinearHead().lr == config.LinearHeadParams().lr == 3e-5 and SvmHead().calibrate is True
 
@@ -508,7 +556,7 @@ def test_builtin_specs() -> None:
 def test_validating_params_imports_no_torch() -> None:
     # The preflight stage validates params.yaml on every `dvc repro`: the registry must stay torch-free.
     code = ("import sys; from transferlab import config; p = config.load(sys.argv[1]); "
-            "assert p.train_head.kinds == ['linear', 'gap', 'svm']; "
+            "assert p.train_head.kinds == ['linear', 'gap', 'svm', 'knn']; "
             "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, 'heavy import'")
     done = subprocess.run([sys.executable, "-c", code, str(REPO / "params.yaml")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -523,13 +571,13 @@ def params_file(tmp_path: Path, train_head: dict[str, Any]) -> Path:
 @pytest.mark.parametrize(
     ("train_head", "message"),
     [
-        ({"kinds": ["linear", "knn"]},
-         r"train_head\.kinds: got \['linear', 'knn'\]; allowed: registered heads \(linear, gap, svm\); "
-         r"not registered: knn"),
+        ({"kinds": ["linear", "forest"]},
+         r"train_head\.kinds: got \['linear', 'forest'\]; allowed: registered heads \(linear, gap, svm, knn\); "
+         r"not registered: forest"),
         ({"kinds": ["svm", "gapp"]}, r"train_head\.kinds: .*did you mean gap\?"),
         ({"kinds": ["svm", "svm"]}, r"train_head\.kinds: got \['svm', 'svm'\]; allowed: each head at most once"),
         ({"kinds": []}, r"train_head\.kinds: got \[\]; allowed: 1 or more items"),
-        ({"toy": {}}, r"unknown key 'train_head\.toy'; allowed: kinds, linear, gap, svm"),
+        ({"toy": {}}, r"unknown key 'train_head\.toy'; allowed: kinds, linear, gap, svm, knn"),
         ({"gap": {"lr": 2}}, r"train_head\.gap\.lr: got 2; allowed: a number <= 1"),
     ],
 )
@@ -543,8 +591,8 @@ def test_kinds_choose_the_heads_and_sections_default(tmp_path: Path) -> None:
     assert section.kinds == ["svm"]
     assert section.gap.lr == 0.01 and section.head("svm") == config.SvmHeadParams()
     assert config.as_dict(section)["linear"] == config.LinearHeadParams().model_dump()
-    with pytest.raises(ParamsError, match="unknown head kind 'knn'; allowed: linear, gap, svm"):
-        section.head("knn")
+    with pytest.raises(ParamsError, match="unknown head kind 'forest'; allowed: linear, gap, svm, knn"):
+        section.head("forest")
 
 
 # -------------------------------------------------- a head added through the registry alone
@@ -647,7 +695,7 @@ def test_a_registered_head_validates_and_trains_through_the_train_head_job(toy: 
     assert isinstance(loaded, ToyHead) and loaded.get_params() == result.head.get_params()
     val = load_part(store, "val", need_maps=False)
     np.testing.assert_array_equal(loaded.predict_proba(val.pooled), result.head.predict_proba(val.pooled))
-    with pytest.raises(FileNotFoundError, match=r"heads that read maps \(linear\).*pooled vectors \(gap, svm, toy\)"):
+    with pytest.raises(FileNotFoundError, match=r"heads that read maps \(linear\).*pooled vectors \(gap, svm, knn, toy\)"):
         train_head("linear", config.LinearHeadParams(), store, tmp_path / "linear")
 
 

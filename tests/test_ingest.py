@@ -192,7 +192,7 @@ def test_manifest_is_sorted_and_hashes_original_bytes(seeded: Path, tmp_path: Pa
     out = tmp_path / "out"
     ingest(seeded, out, SEEDED_PARAMS)
     rows = _manifest(out)
-    assert list(rows[0]) == ["path", "label", "sha256", "width", "height", "folder_split", "source"]
+    assert list(rows[0]) == ["path", "label", "sha256", "width", "height", "folder_split", "source", "phash", "group"]
     assert [r["source"] for r in rows] == sorted(r["source"] for r in rows)
     import hashlib
 

@@ -142,12 +142,12 @@ def test_evaluate_reports_every_model_on_test_and_dvc_reads_them(project: tuple[
     metrics = json.loads((root / "reports/metrics.json").read_text())
     n_test = int((pd.read_csv(root / "data/split.csv")["part"] == "test").sum())
     assert set(metrics) == {"efficientnet_lite0-linear", "efficientnet_lite0-gap", "efficientnet_lite0-svm",
-                            "efficientnet_lite0-finetune"}
+                            "efficientnet_lite0-knn", "efficientnet_lite0-finetune"}
     for figures in metrics.values():
         assert figures["n"] == n_test
         assert figures["accuracy_ci_low"] <= figures["accuracy"] <= figures["accuracy_ci_high"]
     table = (root / "reports/comparison.md").read_text()
-    assert table.count("efficientnet_lite0-") == 4
+    assert table.count("efficientnet_lite0-") == 5
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], root, env))
     assert "reports/metrics.json" in json.dumps(shown)
     # stdout only: dvc warns on stderr that HEAD has no metrics yet

@@ -210,6 +210,20 @@ def _add_compare(subparsers: Any) -> None:
     cmp.set_defaults(handler=_cmd_compare)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from transferlab.audit.show import format_audit, read_audit
+
+    print(format_audit(read_audit(args.report), args.limit))
+    return EXIT_OK
+
+
+def _add_audit(subparsers: Any) -> None:
+    audit = subparsers.add_parser("audit", help="print the duplicates, likely leaks and label suspects of the last run")
+    audit.add_argument("--report", type=Path, default=Path("reports/audit.json"), help="the audit stage's output")
+    audit.add_argument("--limit", type=int, default=20, help="items shown per finding (default: 20)")
+    audit.set_defaults(handler=_cmd_audit)
+
+
 def _image_extensions(params: Path) -> frozenset[str]:
     """ingest.extensions of params.yaml (as ingest and `data get` read them); null: every format Pillow reads."""
     extensions = _params(params).ingest.suffixes()
@@ -363,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary(subparsers)
     _add_compare(subparsers)
     _add_predict(subparsers)
+    _add_audit(subparsers)
     team_server.add_parser(subparsers)
     return parser
 

@@ -50,6 +50,9 @@ class IngestParams(Section):
     extensions: list[str] | None = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     # decoding processes; None: the cores this process may use. Outputs do not depend on it.
     workers: int | None = Field(None, ge=1)
+    # near-duplicates: pHash (64 bits) distance up to which two images are one group; null: exact duplicates only
+    near_dup_distance: int | None = Field(8, ge=0, le=32)
+    near_dup_mirror: bool = True  # a mirrored copy is a near-duplicate too
 
     @model_validator(mode="after")
     def _dotted(self) -> IngestParams:
@@ -253,6 +256,26 @@ class EvaluateParams(Section):
     registered_model: str = Field("transferlab", min_length=1, pattern=r"\S")
 
 
+class LabelIssueParams(Section):
+    """Likely label errors: out-of-fold probabilities of a logistic regression on pooled vectors, then cleanlab."""
+
+    cv: int = Field(5, ge=2)  # folds of the out-of-fold probabilities (stratified, on train + val)
+    C: float = Field(1.0, gt=0)  # the logistic regression's inverse regularization (standardized vectors)
+    top: int = Field(20, ge=1)  # suspects listed, most likely first (cleanlab's self-confidence ranking)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+
+
+class AuditParams(Section):
+    """The audit after extract: leaks across split parts and likely label errors, from the cached vectors."""
+
+    backbone: str | None = None  # the feature store audited; null: the first of extract.backbones
+    # cosine similarity of pooled vectors from which a pair across parts is a likely leak. On hymenoptera
+    # (efficientnet_lite0): distinct photos at most 0.81; 5-10% crops of one photo 0.89-0.98, mirrored 0.88-0.97
+    leak_threshold: float = Field(0.85, gt=0, le=1)
+    sheet_rows: int = Field(20, ge=1)  # pairs / images drawn on each thumbnail sheet (all are in audit.json)
+    label_issues: LabelIssueParams = Field(default_factory=LabelIssueParams)
+
+
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
@@ -280,6 +303,7 @@ class Params(Section):
     extract: ExtractParams = Field(default_factory=ExtractParams)
     train_head: TrainHeadParams = Field(default_factory=TrainHeadParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    audit: AuditParams = Field(default_factory=AuditParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     compute: ComputeParams = Field(default_factory=ComputeParams)
 
@@ -290,7 +314,14 @@ class Params(Section):
             # finetune reads that backbone's cached-feature heads (init, comparison); they come from extract
             raise _problem("finetune.backbones", self.finetune.backbones,
                            f"names among extract.backbones {self.extract.backbones}; add {outside} there too")
+        if self.audit.backbone is not None and self.audit.backbone not in self.extract.backbones:
+            raise _problem("audit.backbone", self.audit.backbone,
+                           f"null or a name among extract.backbones {self.extract.backbones}")
         return self
+
+    def audited_backbone(self) -> str:
+        """The feature store the audit reads: ``audit.backbone``, else the first of ``extract.backbones``."""
+        return self.audit.backbone or self.extract.backbones[0]
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -25,6 +25,8 @@ HEADS = MODELS / "heads"
 FINETUNE = MODELS / "finetune"
 CHAMPION = MODELS / "champion"
 REPORTS = Path("reports")
+AUDIT_REPORT = REPORTS / "audit.json"  # the audit stage: findings (duplicates, leaks, label suspects)
+AUDIT_DIR = REPORTS / "audit"  # its thumbnail sheets and run record
 
 # file names inside a model folder
 MODEL_FILE = "model.safetensors"

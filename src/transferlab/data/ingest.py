@@ -11,10 +11,12 @@ other file elsewhere is reported as ``misplaced`` so nothing disappears silently
 
 Outputs in ``out_dir`` (replaced as a whole, so a failed run leaves it as it was)
 - ``images/[<folder split>/]<class>/<safe stem>-<sha256[:8]>.jpg``
-- ``manifest.csv``: path, label, sha256, width, height, folder_split, source
+- ``manifest.csv``: path, label, sha256, width, height, folder_split, source,
+  phash (perceptual hash) and group (the duplicate group: exact and near
+  duplicates share one, see :mod:`transferlab.data.near_dups`)
 - ``report.json``: kept counts per class, every rejected file with a reason,
-  groups of exact duplicates among kept files (all kept: the split stage keeps
-  each group in one part).
+  groups of exact duplicates and of near-duplicates among kept files (all
+  kept: the split stage keeps each group in one part).
 
 Decoding itself (limits, EXIF orientation, RGB, shrinking) is
 :mod:`transferlab.data.imaging`, shared with the predictor. ``ingest.workers``
@@ -46,6 +48,7 @@ from transferlab.data.imaging import (  # noqa: F401
     CORRUPT, EMPTY_FILE, FILE_TOO_LARGE, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED, UNREADABLE, Rejected, decode_image,
     read_limited, rejection_reason, strict_pillow,
 )
+from transferlab.data.near_dups import assign_groups, perceptual_hashes, report_groups
 from transferlab.errors import UserError
 from transferlab.io import atomic_dir, sha256_bytes
 
@@ -56,7 +59,7 @@ OUTPUT_SUFFIX = ".jpg"
 IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = "report.json"
-MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "folder_split", "source"]
+MANIFEST_COLUMNS = ["path", "label", "sha256", "width", "height", "folder_split", "source", "phash", "group"]
 
 SHA_PREFIX_CHARS = 8
 # 60 characters of up to 4 UTF-8 bytes each, plus "-<sha8>-<n>.jpg", stays under
@@ -107,6 +110,8 @@ class _Decoded:
     sha256: str  # of the raw file
     width: int  # of the upright original, before shrinking
     height: int
+    phash: str  # perceptual hashes of the decoded image and of its mirror image (near_dups)
+    phash_mirror: str
 
 
 # candidates per task sent to a worker: few enough round trips, small enough to balance
@@ -191,7 +196,7 @@ def _process(candidate: Candidate, params: IngestParams) -> _Decoded:
     image, (width, height) = decode_image(data, params.max_side)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return _Decoded(buffer.getvalue(), sha256_bytes(data), width, height)
+    return _Decoded(buffer.getvalue(), sha256_bytes(data), width, height, *perceptual_hashes(image))
 
 
 def _attempt(candidate: Candidate, params: IngestParams) -> _Decoded | tuple[str, str]:
@@ -253,7 +258,7 @@ def _output_path(candidate: Candidate, sha256: str, taken: set[str]) -> str:
 
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -330,6 +335,8 @@ def _convert_all(
                 "height": decoded.height,
                 "folder_split": cand.folder_split,
                 "source": cand.source,
+                "phash": decoded.phash,
+                "phash_mirror": decoded.phash_mirror,  # not written: groups are made of it here
             }
         )
     return rows, rejected
@@ -349,6 +356,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: IngestParams, progress: bool = 
     layout = _layout(raw_dir)
     with atomic_dir(out_dir) as tmp:
         rows, rejected = _convert_all(layout, tmp, params, progress)
+        assign_groups(rows, params.near_dup_distance, params.near_dup_mirror)
         report = _report(layout, rows, rejected, params)
         _check_classes(report, params, raw_dir)  # raising here discards tmp: out_dir untouched
         _write_manifest(tmp / MANIFEST_NAME, rows)
@@ -365,6 +373,7 @@ def _report(
     counts = Counter(row["label"] for row in rows)
     labels_of = {row["source"]: row["label"] for row in rows}
     duplicates = _duplicates(rows)
+    near, near_across = report_groups(rows)
     return {
         "layout": layout.kind,
         "params": params.deciding(),
@@ -375,4 +384,7 @@ def _report(
         "duplicates": duplicates,
         # the same bytes under two labels: at least one label is wrong
         "duplicates_across_classes": [g for g in duplicates if len({labels_of[s] for s in g}) > 1],
+        # near-duplicates (ingest.near_dup_distance): groups of 2+ different files, exact copies included
+        "near_duplicates": near,
+        "near_duplicates_across_classes": near_across,
     }

@@ -7,9 +7,11 @@ Rules
   the test split). Parts the folders do not provide are drawn from ``train``,
   stratified, in proportion to ``ratios``.
 - Otherwise every image is drawn, stratified, in proportion to ``ratios``.
-- Exact duplicates (same sha256 of the original bytes) always land in the same
-  part; a group that spans folders goes to its most held-out part, so no copy
-  of a test image is ever trained on.
+- Duplicates always land in the same part: the manifest's ``group`` (exact
+  duplicates, same sha256 of the original bytes, and near-duplicates found by
+  ingest's perceptual hashes); a manifest without it groups by sha256. A group
+  that spans folders goes to its most held-out part, so no copy of a test
+  image is ever trained on.
 """
 
 from __future__ import annotations
@@ -33,24 +35,31 @@ class SplitError(UserError, ValueError):
     """The manifest cannot be split as asked."""
 
 
+GROUP = "group"  # the manifest column of duplicate groups (ingest); absent in older manifests: sha256
+
+
 @dataclass(frozen=True)
 class _Unit:
-    """A group of exact duplicates, moved as one."""
+    """A group of duplicates (exact or near), moved as one."""
 
-    sha256: str
+    key: str  # the group id
     label: str
     part: str  # "" when it is still to be drawn
 
 
+def _group_key(manifest: pd.DataFrame) -> str:
+    return GROUP if GROUP in manifest.columns else "sha256"
+
+
 def _units(manifest: pd.DataFrame, params: SplitParams) -> list[_Unit]:
     units = []
-    for sha, group in manifest.groupby("sha256", sort=True):
+    for key, group in manifest.groupby(_group_key(manifest), sort=True):
         parts = [params.folders.get(f, f) for f in group["folder_split"] if f] if params.respect_folders else []
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             raise SplitError(f"split.folders maps to unknown part(s) {unknown}; allowed: {', '.join(PARTS)}")
         part = max(parts, key=HELD_OUT_ORDER.__getitem__) if parts else ""
-        units.append(_Unit(str(sha), str(group["label"].iloc[0]), part))
+        units.append(_Unit(str(key), str(group["label"].iloc[0]), part))
     return units
 
 
@@ -75,7 +84,7 @@ def _draw(units: list[_Unit], params: SplitParams, present: set[str]) -> dict[st
     decided: dict[str, str] = {}
     pool = [u for u in units if u.part in ("", "train")]
     for label in sorted({u.label for u in pool}):
-        members = sorted(u.sha256 for u in pool if u.label == label)
+        members = sorted(u.key for u in pool if u.label == label)
         order = rng.permutation(len(members))
         counts = _counts(len(members), params.ratios, targets)
         cursor = 0
@@ -94,8 +103,8 @@ def assign_parts(manifest: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     units = _units(manifest, params)
     present = {u.part for u in units if u.part}
     drawn = _draw(units, params, present)
-    part_of = {u.sha256: drawn.get(u.sha256, u.part) for u in units}
-    out = manifest.assign(part=manifest["sha256"].map(part_of))[SPLIT_COLUMNS]
+    part_of = {u.key: drawn.get(u.key, u.part) for u in units}
+    out = manifest.assign(part=manifest[_group_key(manifest)].map(part_of))[SPLIT_COLUMNS]
     return out.sort_values("path", kind="stable").reset_index(drop=True)
 
 

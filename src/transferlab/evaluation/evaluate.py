@@ -10,7 +10,7 @@ The report files are written by :mod:`transferlab.evaluation.reports`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class Scored:
     classes: list[str]
     proba: np.ndarray | None
     trained: dict[str, Any]  # the model's own metrics.json (train/val figures)
+    ids: list[str] = field(default_factory=list)  # the test images (prepared paths), row-aligned
 
 
 def find_models(heads_root: Path, finetune_root: Path, backbones: list[str], heads: list[str],
@@ -64,17 +65,18 @@ def find_models(heads_root: Path, finetune_root: Path, backbones: list[str], hea
     return refs
 
 
-def _score_head(ref: ModelRef, features_root: Path) -> tuple[list[str], list[str], list[str], np.ndarray | None]:
+def _score_head(ref: ModelRef, features_root: Path) -> tuple[list[str], list[str], list[str], np.ndarray | None,
+                                                             list[str]]:
     head = load_head(ref.path / MODEL_FILE)
     part = load_part(features_root / ref.backbone, TEST, need_maps=ref.head in MAP_HEADS)
     X = part.maps if ref.head in MAP_HEADS else part.pooled
     proba = head.predict_proba(X) if hasattr(head, "predict_proba") else None
     classes = [str(c) for c in head.classes_]
-    return list(part.labels), [str(p) for p in head.predict(X)], classes, proba
+    return list(part.labels), [str(p) for p in head.predict(X)], classes, proba, list(part.ids)
 
 
-def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path, batch_size: int,
-                     device: torch.device, num_workers: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
+def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path, batch_size: int, device: torch.device,
+                     num_workers: int) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
     from transferlab.models.finetuned import load_finetuned
 
     module, meta, backbone = load_finetuned(ref.path)
@@ -89,7 +91,7 @@ def _score_finetuned(ref: ModelRef, split: pd.DataFrame, images_root: Path, batc
     proba = np.concatenate(probs).astype(np.float64)
     proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows miss 1 by ~1e-7; log loss checks
     classes = [str(c) for c in meta["classes"]]
-    return list(rows["label"]), [classes[i] for i in proba.argmax(axis=1)], classes, proba
+    return list(rows["label"]), [classes[i] for i in proba.argmax(axis=1)], classes, proba, list(rows["path"])
 
 
 def score(ref: ModelRef, features_root: Path, split: pd.DataFrame, images_root: Path, batch_size: int,
@@ -101,12 +103,12 @@ def score(ref: ModelRef, features_root: Path, split: pd.DataFrame, images_root: 
     features, which are small arrays on the host whatever the device.
     """
     if ref.kind == "head":
-        y_true, y_pred, classes, proba = _score_head(ref, features_root)
+        y_true, y_pred, classes, proba, ids = _score_head(ref, features_root)
     else:
-        y_true, y_pred, classes, proba = _score_finetuned(ref, split, images_root, batch_size,
-                                                          torch.device(device), num_workers)
+        y_true, y_pred, classes, proba, ids = _score_finetuned(ref, split, images_root, batch_size,
+                                                               torch.device(device), num_workers)
     trained = json.loads((ref.path / "metrics.json").read_text())
-    return Scored(ref, y_true, y_pred, classes, proba, trained)
+    return Scored(ref, y_true, y_pred, classes, proba, trained, ids)
 
 
 def backbone_gflops(name: str, crop_size: int) -> float:
@@ -139,6 +141,13 @@ def figures(s: Scored, params: EvaluateParams, gflops: float | None) -> dict[str
         "params_frozen": s.trained.get("params_frozen"),
         "gflops": gflops,
     }
+
+
+def without_leaks(s: Scored, leaked: set[str]) -> dict[str, Any]:
+    """Test accuracy without the test images the audit flagged as likely leaks (``reports/audit.json``)."""
+    kept = [i for i, path in enumerate(s.ids) if path not in leaked]
+    right = sum(s.y_true[i] == s.y_pred[i] for i in kept)
+    return {"accuracy_without_leaks": right / len(kept) if kept else None, "n_without_leaks": len(kept)}
 
 
 def champion(results: list[dict[str, Any]], params: EvaluateParams) -> dict[str, Any]:

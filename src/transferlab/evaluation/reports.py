@@ -37,7 +37,8 @@ MARKDOWN_COLUMNS = (
 )
 MARKDOWN_DECIMALS = 3
 # What metrics.json holds per model; figures a model lacks (no probabilities: no log loss) are left out.
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "roc_auc", "errors", "n")
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "roc_auc", "errors", "n",
+               "accuracy_without_leaks", "n_without_leaks")  # the last two: without the audit's leaked test images
 
 
 # --------------------------------------------------------------------------- comparison
