@@ -13,9 +13,11 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from transferlab.io import atomic_write_text
@@ -54,8 +56,12 @@ def project_env() -> dict[str, str]:
     return env | GIT_IDENTITY
 
 
-def copy_project(dest: Path, env: dict[str, str]) -> None:
-    """The files git sees (tracked, or untracked and not ignored), committed in a new repo at ``dest``."""
+def copy_project(dest: Path, env: dict[str, str], edit: Callable[[dict], object] | None = None) -> None:
+    """The files git sees (tracked, or untracked and not ignored), committed in a new repo at ``dest``.
+
+    With ``edit``, params.yaml is changed first (``edit(params)`` changes the dict in place), so the
+    copy's first commit already holds the settings a test or benchmark runs with.
+    """
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
@@ -66,6 +72,11 @@ def copy_project(dest: Path, env: dict[str, str]) -> None:
         if (PROJECT_ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / rel, dest / rel)
+    if edit is not None:
+        params_file = dest / "params.yaml"
+        params = yaml.safe_load(params_file.read_text())
+        edit(params)
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, env=env, capture_output=True, check=True)
 

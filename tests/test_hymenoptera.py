@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from PIL import Image, ImageOps
 
@@ -39,10 +38,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert DATA is not None
     dest = tmp_path_factory.mktemp("hymenoptera") / "project"
     env = project_env()
-    copy_project(dest, env)
-    params = split_as_published(yaml.safe_load((dest / "params.yaml").read_text()))
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "commit", "-qam", "hymenoptera split"], dest, env)
+    copy_project(dest, env, edit=split_as_published)
     sh(["transferlab", "data", "get", str(DATA)], dest, env)
     sh(["dvc", "repro"], dest, env)
     return dest
@@ -128,10 +124,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list]
     shutil.copytree(DATA, work / "raw")
     pairs, moved = plant(work / "raw")
     dest, env = work / "project", project_env()
-    copy_project(dest, env)
-    params = split_as_published(yaml.safe_load((dest / "params.yaml").read_text()))
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "commit", "-qam", "hymenoptera split"], dest, env)
+    copy_project(dest, env, edit=split_as_published)
     sh(["transferlab", "data", "get", str(work / "raw")], dest, env)
     sh(["dvc", "repro", "audit"], dest, env)  # ingest, split, extract, audit: no training needed
     return dest, pairs, moved

@@ -47,11 +47,8 @@ def work_stages(root: Path, env: dict[str, str]) -> set[str]:
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     dest = tmp_path_factory.mktemp("e2e") / "project"
     env = project_env()
-    copy_project(dest, env)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["finetune"]["max_epochs"] = E2E_EPOCHS  # the demo default trains longer; CI has 2 cores
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "e2e params"], dest, env)
+    # the demo default trains longer; CI has 2 cores
+    copy_project(dest, env, edit=lambda p: p["finetune"].update(max_epochs=E2E_EPOCHS))
     run(["transferlab", "data", "get"], dest, env)
     return dest, env
 

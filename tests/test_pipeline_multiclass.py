@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -50,12 +49,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     base = tmp_path_factory.mktemp("digits")
     dest, digits = base / "project", base / "digits"
     env = project_env()
-    copy_project(dest, env)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["finetune"]["max_epochs"] = E2E_EPOCHS
-    params["evaluate"]["n_boot"] = 200
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "digits e2e params"], dest, env)
+    copy_project(dest, env, edit=lambda p: (p["finetune"].update(max_epochs=E2E_EPOCHS),
+                                            p["evaluate"].update(n_boot=200)))
     digits.mkdir()
     write_digits(digits)
     for folder in digits.iterdir():

@@ -64,12 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]
 def project(server: TrackingServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("team-project") / "project"
     env = project_env()
-    copy_project(root, env)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["finetune"]["max_epochs"] = EPOCHS
-    params["finetune"]["warmup_epochs"] = 1
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "short finetune"], root, env)
+    copy_project(root, env, edit=lambda p: p["finetune"].update(max_epochs=EPOCHS, warmup_epochs=1))
     run(["transferlab", "data", "get"], root, env)
     # a teammate's clone: the server and a login from the environment, nothing in git
     return root, env | {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": USER,
