@@ -25,6 +25,7 @@ HEADS = MODELS / "heads"
 FINETUNE = MODELS / "finetune"
 CHAMPION = MODELS / "champion"
 REPORTS = Path("reports")
+PROBE = REPORTS / "probe"  # probe@<backbone>: <backbone>.json, .csv, .png, .run.json
 
 # file names inside a model folder
 MODEL_FILE = "model.safetensors"
@@ -51,6 +52,10 @@ def features_record(backbone: str) -> Path:
 
 def head_dir(backbone: str, head: str) -> Path:
     return HEADS / backbone / head
+
+
+def probe_report(backbone: str) -> Path:
+    return PROBE / f"{backbone}.json"
 
 
 def finetune_dir(backbone: str) -> Path:
