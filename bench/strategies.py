@@ -95,15 +95,7 @@ def main() -> None:
     sh(["dvc", "repro", "split"], hym, env)
     extract_s = timed(hym, f"extract@{BACKBONE}", env)
     probe_s = timed(hym, f"probe@{BACKBONE}", env)
-    digits = project(work, "builtin:digits", env, published=False)
-    sh(["dvc", "repro", "split"], digits, env)
-    digits_extract_s = timed(digits, f"extract@{BACKBONE}", env)
-    digits_probe_s = timed(digits, f"probe@{BACKBONE}", env)
-    reports = {}
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    for name, folder in (("hymenoptera", hym), ("digits", digits)):
-        reports[name] = json.loads((folder / "reports" / "probe" / f"{BACKBONE}.json").read_text())
-        shutil.copyfile(folder / "reports" / "probe" / f"{BACKBONE}.png", FIGURES / f"probe-{name}.png")
+    reports = {"hymenoptera": json.loads((hym / "reports" / "probe" / f"{BACKBONE}.json").read_text())}
     runs = {}
     if not args.skip_finetune:
         auto = reports["hymenoptera"]["recommendation"]
@@ -114,6 +106,15 @@ def main() -> None:
         for strategy, last in order:
             set_strategy(hym, strategy, last)
             runs[chosen({"strategy": strategy, "last_blocks": last})] = finetune_test(hym, env)
+            print(f"{strategy} {last}: {runs}", flush=True)
+    digits = project(work, "builtin:digits", env, published=False)
+    sh(["dvc", "repro", "split"], digits, env)
+    digits_extract_s = timed(digits, f"extract@{BACKBONE}", env)
+    digits_probe_s = timed(digits, f"probe@{BACKBONE}", env)
+    reports["digits"] = json.loads((digits / "reports" / "probe" / f"{BACKBONE}.json").read_text())
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for name, folder in (("hymenoptera", hym), ("digits", digits)):
+        shutil.copyfile(folder / "reports" / "probe" / f"{BACKBONE}.png", FIGURES / f"probe-{name}.png")
     text = section(reports, runs, {"extract": extract_s, "probe": probe_s, "digits_extract": digits_extract_s,
                                    "digits_probe": digits_probe_s}, load)
     write_section(SECTION, text)
