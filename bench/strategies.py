@@ -153,7 +153,7 @@ def section(reports: dict, runs: dict, seconds: dict, load: tuple[float, float, 
                          f"{r['n']} | {len(r['strategy']['trainable_blocks'])} |")
         lines.append("")
     for name, rep in (("Hymenoptera", hym), ("builtin:digits", dig)):
-        lines += [f"Probe curve, {name} (`bench/figures/probe-{name.split(':')[-1]}.png`):", "",
+        lines += [f"Probe curve, {name} (`bench/figures/probe-{name.split(':')[-1].lower()}.png`):", "",
                   *probe_table(rep), "", f"Reason: {rep['recommendation']['reason']}", ""]
     return "\n".join(lines).rstrip("\n")
 

@@ -47,14 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         rec = content["recommendation"]
         run.log_metrics({**seconds, **{f"probe_acc.{b['block']}": b["val_accuracy"] for b in content["blocks"]},
                          "imagenet_similarity": content["measures"]["imagenet_similarity"]["value"]})
-        run.set_tags({"recommendation": rec["strategy"] if rec["strategy"] != "last_blocks"
-                      else f"last_blocks: {rec['last_blocks']}"})
+        chosen = rec["strategy"] if rec["strategy"] != "last_blocks" else f"last_blocks: {rec['last_blocks']}"
+        run.set_tags({"recommendation": chosen})
         run.log_dict(content, "probe_report.json")
         run.log_artifact(out.with_suffix(".png"), "probe")
         curve = ", ".join(f"{b['block']} {b['val_accuracy']:.3f}" for b in content["blocks"])
         print(f"probe@{name}: val accuracy per block: {curve}")
-        print(f"probe@{name}: recommends {rec['strategy'] if rec['strategy'] != 'last_blocks' else 'last_blocks: ' + str(rec['last_blocks'])}. "
-              f"{rec['reason']}")
+        print(f"probe@{name}: recommends {chosen}. {rec['reason']}")
         print(f"probe@{name}: forward {seconds['forward_seconds']:.1f} s, probes {seconds['probe_seconds']:.1f} s")
 
 
