@@ -13,6 +13,7 @@ from pathlib import Path
 from transferlab import config, paths, tracking
 from transferlab.config import ParamsError
 from transferlab.errors import exit_on_user_error
+from transferlab.probe.choice import resolve
 from transferlab.training.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
 
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=Path, help="cached-feature heads, for init: best_head "
                                                   "(default: models/heads/<backbone>)")
     parser.add_argument("--out", type=Path, help="default: models/finetune/<backbone>")
+    parser.add_argument("--probe", type=Path, help="the probe report strategy auto reads "
+                                                  "(default: reports/probe/<backbone>.json)")
     args = parser.parse_args(argv)
     name = args.backbone
     all_params = config.load(paths.PARAMS)
@@ -31,17 +34,23 @@ def main(argv: list[str] | None = None) -> None:
     if name not in params.backbones:
         raise ParamsError(f"finetune: {name!r} is not in finetune.backbones {params.backbones}")
     out = args.out or paths.finetune_dir(name)
+    params, choice = resolve(params, args.probe or paths.probe_report(name))
+    if choice is not None:
+        print(f"finetune@{name}: strategy auto chose {choice['chosen']}. {choice['reason']}", flush=True)
     store = tracking.open_store()
     job = FinetuneJob(name, params, args.split, args.images, out, extract.weights.get(name),
                       extract.weights_path.get(name), args.heads or paths.HEADS / name,
-                      head_kinds=all_params.train_head.kinds, device=all_params.compute.device)
-    logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path, **params.model_dump()}
+                      head_kinds=all_params.train_head.kinds, device=all_params.compute.device, choice=choice)
+    logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path, **params.model_dump(),
+              "strategy_requested": choice["requested"] if choice else params.strategy}
     with tracking.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD, store=store) as run:
         result = finetune(job)
-        run.set_tags({"weights_id": result.backbone.weights_id, "resumed_from_epoch": result.resumed_from})
+        run.set_tags({"weights_id": result.backbone.weights_id, "resumed_from_epoch": result.resumed_from,
+                      "strategy_chosen": choice["chosen"] if choice else params.strategy,
+                      "strategy_reason": choice["reason"] if choice else ""})
         run.log_history({c: [r[c] for r in result.history] for c in CURVE_COLUMNS if c != "step"}, first_step=1)
         run.log_metrics(result.metrics)
-        run.log_dict({"notes": result.notes, "model": result.meta}, "finetune_summary.json")
+        run.log_dict({"notes": result.notes, "model": result.meta, "strategy": choice}, "finetune_summary.json")
         for file in (MODEL_FILE, META_FILE):
             run.log_artifact(out / file, "model")
         m = result.metrics

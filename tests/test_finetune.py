@@ -386,6 +386,33 @@ def test_checkpoint_with_other_settings_starts_fresh(reference: FinetuneResult, 
     assert any("training finished" in s for s in said)
 
 
+def test_strategy_auto_records_its_choice_and_a_changed_choice_retrains(reference: FinetuneResult,
+                                                                       project: Path) -> None:
+    from transferlab.probe.choice import resolve
+
+    def probe_report(last_blocks: int) -> Path:
+        path = project / f"probe-{last_blocks}.json"
+        path.write_text(json.dumps({"recommendation": {"strategy": "last_blocks", "last_blocks": last_blocks,
+                                                       "reason": f"measured: cut below the top {last_blocks}"}}))
+        return path
+
+    auto = FAST.model_copy(update=dict(strategy="auto", last_blocks=1))
+    out = project / "auto"
+    shutil.copytree(project / "reference", out)
+    said: list[str] = []
+    params, choice = resolve(auto, probe_report(FAST.last_blocks))  # what the reference trained: no training
+    result = finetune(job(project, "auto", params, choice=choice), echo=said.append,
+                      on_epoch_end=lambda r: pytest.fail("trained"))
+    assert any("training finished" in s for s in said)
+    strategy = json.loads((out / META_FILE).read_text())["strategy"]
+    assert strategy["requested"] == "auto" and (strategy["name"], strategy["last_blocks"]) == ("last_blocks", 3)
+    assert strategy["reason"] == "measured: cut below the top 3" and result.meta["strategy"] == strategy
+    said.clear()
+    params, choice = resolve(auto, probe_report(2))  # the recommendation changed: the identity did too
+    finetune(job(project, "auto", params.model_copy(update=dict(max_epochs=2)), choice=choice), echo=said.append)
+    assert any("different settings" in s and "params.last_blocks: 3 -> 2" in s for s in said)
+
+
 def test_load_finetuned_round_trip(reference: FinetuneResult, project: Path) -> None:
     module, meta, backbone = load_finetuned(project / "reference")
     assert not module.training and meta["classes"] == ["blue", "red"]

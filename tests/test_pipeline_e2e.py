@@ -289,6 +289,7 @@ def test_every_stage_and_predict_send_tensors_and_model_to_the_resolved_device(
     images = [str(root / "data/raw/faces/face_000.png")]
     calls = {
         "extract": lambda: load_stage(root, "extract", monkeypatch).main([backbone, "--out", str(tmp_path / "f")]),
+        "probe": lambda: load_stage(root, "probe", monkeypatch).main([backbone, "--out", str(tmp_path / "p.json")]),
         "train_head": lambda: load_stage(root, "train_head", monkeypatch).main(
             [backbone, "gap", "--out", str(tmp_path / "h")]),
         "finetune": lambda: load_stage(root, "finetune", monkeypatch).main([backbone, "--out", str(tmp_path / "t")]),

@@ -64,3 +64,9 @@ def test_missing_dataset_in_an_experiment_workspace_explains_tracking(
     monkeypatch.setenv("DVC_ROOT", str(tmp_path_factory.mktemp("main-project")))
     with pytest.raises(preflight.DataMissingError, match="queued and --temp experiments.*dvc add"):
         _run(project, "{}\n")
+
+
+def test_strategy_auto_passes_whatever_last_blocks_says(project: Path) -> None:
+    # last_blocks bounds apply to an explicit last_blocks only: auto takes the probe's count
+    out = _run(project, "finetune: {strategy: auto, last_blocks: 50}\n")
+    assert out.read_text() == preflight.OK_TEXT

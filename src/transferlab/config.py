@@ -211,14 +211,16 @@ class AugmentParams(Section):
 
 
 STRATEGIES = ("head_only", "last_blocks", "full")
+AUTO = "auto"  # finetune.strategy: auto takes the probe stage's recommendation (reports/probe/<backbone>.json)
 
 
 class FinetuneParams(Section):
     """Fine-tune a pretrained backbone with a new (or warm-started) head."""
 
     backbones: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"], min_length=1)
-    strategy: Literal["head_only", "last_blocks", "full"] = "last_blocks"
-    last_blocks: int = Field(2, ge=1)  # strategy last_blocks: the top N named blocks train
+    # auto: the probe stage's recommendation (transferlab.probe); model.json records what it chose and why
+    strategy: Literal["head_only", "last_blocks", "full", "auto"] = "last_blocks"
+    last_blocks: int = Field(2, ge=1)  # strategy last_blocks: the top N named blocks train (auto ignores it)
     init: Literal["new", "best_head"] = "new"
     dropout: float = Field(0.2, ge=0, lt=1)
     lr: float = Field(1e-3, gt=0, le=1)  # the head's learning rate
@@ -276,6 +278,32 @@ class AuditParams(Section):
     label_issues: LabelIssueParams = Field(default_factory=LabelIssueParams)
 
 
+class ProbeParams(Section):
+    """The probe stage: a linear probe per backbone block, two dataset measures, and a strategy.
+
+    Small or large: train images in the smallest class against ``large_per_class``. Like ImageNet
+    or not: the mean top-1 probability of the backbone's own ImageNet classifier over the train and
+    val images (its confidence that the photo shows an ImageNet class) against ``similar_above``.
+    """
+
+    large_per_class: int = Field(1000, ge=1)  # train images in the smallest class at or above which data is large
+    similar_above: float = Field(0.5, gt=0, lt=1)  # mean ImageNet top-1 probability at or above which data is similar
+    # val accuracy within this of the best block counts as as good as the best (the curve's plateau)
+    tolerance: float = Field(0.02, ge=0, lt=1)
+    C_grid: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0])  # chosen by CV on train
+    cv: int = Field(3, ge=2)
+    max_iter: int = Field(1000, ge=10)
+    n_boot: int = Field(1000, ge=100)  # bootstrap resamples for each block's val accuracy interval
+    ci: float = Field(0.95, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+
+    @model_validator(mode="after")
+    def _grid(self) -> ProbeParams:
+        if not self.C_grid or any(c <= 0 for c in self.C_grid):
+            raise _problem("C_grid", self.C_grid, "a non-empty list of numbers > 0")
+        return self
+
+
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
@@ -305,6 +333,7 @@ class Params(Section):
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     audit: AuditParams = Field(default_factory=AuditParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    probe: ProbeParams = Field(default_factory=ProbeParams)
     compute: ComputeParams = Field(default_factory=ComputeParams)
 
     @model_validator(mode="after")

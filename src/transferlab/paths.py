@@ -27,6 +27,7 @@ CHAMPION = MODELS / "champion"
 REPORTS = Path("reports")
 AUDIT_REPORT = REPORTS / "audit.json"  # the audit stage: findings (duplicates, leaks, label suspects)
 AUDIT_DIR = REPORTS / "audit"  # its thumbnail sheets and run record
+PROBE = REPORTS / "probe"  # probe@<backbone>: <backbone>.json, .csv, .png, .run.json
 
 # file names inside a model folder
 MODEL_FILE = "model.safetensors"
@@ -53,6 +54,10 @@ def features_record(backbone: str) -> Path:
 
 def head_dir(backbone: str, head: str) -> Path:
     return HEADS / backbone / head
+
+
+def probe_report(backbone: str) -> Path:
+    return PROBE / f"{backbone}.json"
 
 
 def finetune_dir(backbone: str) -> Path:

@@ -96,6 +96,9 @@ class FinetuneJob:
     heads_dir: Path | None = None  # models/heads/<backbone>: read only when params.init is best_head
     head_kinds: Sequence[str] | None = None  # train_head.kinds: the heads a warm start may use (None: all)
     device: str = "cpu"  # compute.device: auto | cpu | cuda | cuda:N | mps
+    # strategy auto: {requested, chosen, reason} from transferlab.probe.choice.resolve; ``params`` holds
+    # the chosen strategy (what trains, and what the checkpoint identity records)
+    choice: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,8 @@ def _meta(job: FinetuneJob, backbone: Backbone, data: SplitData, warm: WarmStart
             "name": params.strategy,
             "last_blocks": params.last_blocks if params.strategy == "last_blocks" else None,
             "trainable_blocks": trained_blocks(backbone),
+            "requested": job.choice["requested"] if job.choice else params.strategy,
+            "reason": job.choice["reason"] if job.choice else None,
         },
         "init": {"kind": "new"} if warm is None else warm.describe(),
         "transform": backbone.transform_config(),

@@ -66,7 +66,9 @@ def trainable_blocks(strategy: str, last_blocks: int) -> int:
         return last_blocks
     if strategy == "full":
         return ALL_BLOCKS
-    raise ParamsError(f"finetune.strategy: got {strategy!r}; allowed: 'head_only', 'last_blocks', 'full'")
+    if strategy == "auto":  # transferlab.probe.choice.resolve replaces it before a model is built
+        raise ParamsError("finetune.strategy: auto must be resolved from the probe report before training")
+    raise ParamsError(f"finetune.strategy: got {strategy!r}; allowed: 'head_only', 'last_blocks', 'full', 'auto'")
 
 
 def trained_blocks(backbone: Backbone) -> list[str]:

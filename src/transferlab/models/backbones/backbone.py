@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -86,6 +87,25 @@ class Backbone:
         # backward, so a head trained directly on these features would fail.
         with evaluating(self.module), torch.no_grad():
             return self.pool(self.forward_features(x))
+
+    def block_outputs(self, x: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """Each named block's output, input to output (mode and grad are the caller's).
+
+        The blocks run in order, so the last output is ``forward_features``' maps (a test checks it).
+        """
+        if self._structure.prepare_input is not None:
+            x = self._structure.prepare_input(self.module, x)
+        for name, block in self.blocks():
+            x = block(x)
+            yield name, x
+
+    def imagenet_logits_from_maps(self, maps: Tensor) -> Tensor:
+        """The ImageNet classifier on ``forward_features`` maps: ``module(x)`` without a second forward."""
+        if not self._has_imagenet_head:
+            raise RuntimeError(f"{self.name}: the ImageNet classifier was replaced")
+        if self.classifier_name == "classifier" and self.family == "torchvision VGG":
+            return self.classifier(torch.flatten(self.module.avgpool(maps), 1))  # VGG reads a 7x7 grid
+        return self.classifier(self.pool(maps))
 
     def imagenet_logits(self, x: Tensor) -> Tensor:
         """The original network's ImageNet logits (eval mode), to verify the weights."""
