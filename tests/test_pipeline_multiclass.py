@@ -103,7 +103,9 @@ def test_every_class_has_its_figures_and_curves(project: tuple[Path, dict[str, s
     root, env = project
     reports = root / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert len(metrics) == 4
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    expected = {f"{b}-{kind}" for b in params["extract"]["backbones"] for kind in params["train_head"]["kinds"]}
+    assert set(metrics) == expected | {f"{b}-finetune" for b in params["finetune"]["backbones"]}
     for model, figures in metrics.items():
         assert sorted(figures["per_class"]) == CLASSES, model
         assert 0.0 <= figures["accuracy"] <= 1.0
