@@ -140,8 +140,8 @@ def section(reports: dict, runs: dict, seconds: dict, load: tuple[float, float, 
         sim = rep["measures"]["imagenet_similarity"]["value"]
         lines.append(f"| {name} | {ex:.1f} | {pr:.1f} | {pr / ex:.2f} | {sim:.3f} | {chosen(rep['recommendation'])} |")
     lines += ["", "Seconds: `dvc repro --single-item <stage>` wall time (start-up, imports and DVC included). "
-              "Extract forwards train, val and test and writes the maps; the probe forwards train and val once "
-              "and fits a logistic regression per block.", ""]
+              "Extract forwards train, val and test, writes the maps and keeps every block's pooled output of "
+              "train and val; the probe reads them from the store and fits a logistic regression per block.", ""]
     if runs:
         lines += ["Hymenoptera test split (the `val` folder), fine-tuned efficientnet_lite0:", "",
                   "| strategy | test accuracy [95% CI] | errors | blocks trained |", "|---|---|---|---|"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from transferlab.models.backbones import NO_WEIGHTS, load_backbone
-from transferlab.models.features import extract, load_part, read_manifest
+from transferlab.models.features import extract, load_blocks, load_part, read_manifest
 from transferlab.models.heads import GapHead
 
 FP16_TOL = 2e-2  # maps are cached as float16: about 3 significant digits
@@ -78,6 +78,26 @@ def test_gap_head_on_cache_equals_backbone_plus_head_on_images(store: Path, data
     with torch.inference_mode():
         logits_direct = module(backbone.forward_features(images))
     torch.testing.assert_close(logits_cached.detach(), logits_direct, atol=FP16_TOL, rtol=FP16_TOL)
+
+
+def test_train_and_val_keep_every_block_for_the_probe_and_test_does_not(store: Path, dataset: Path,
+                                                                        backbone) -> None:
+    names = [name for name, _ in backbone.blocks()]
+    val, part = load_blocks(store, "val"), load_part(store, "val", need_maps=False)
+    assert val.blocks == names and [v.shape for v in val.vectors][-1] == part.pooled.shape
+    # the last block's pooled output is the store's pooled vector, and the top-1 is the ImageNet classifier's
+    np.testing.assert_allclose(val.vectors[-1], part.pooled, rtol=1e-5, atol=1e-6)
+    images = torch.stack([backbone.eval_transform(Image.open(dataset / p).convert("RGB")) for p in part.ids])
+    direct = torch.softmax(backbone.imagenet_logits(images), dim=1).amax(dim=1).numpy()
+    np.testing.assert_allclose(val.top1, direct, rtol=1e-4, atol=1e-6)
+    with torch.inference_mode():  # and each block's vector is that block's output, pooled
+        x = images
+        for (name, block), stored in zip(backbone.blocks(), val.vectors):
+            x = block(x)
+            np.testing.assert_allclose(stored, backbone.pool(x).numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert not (store / "test.blocks.safetensors").exists()  # the probe chooses a strategy: test stays unseen
+    with pytest.raises(ValueError, match="test"):
+        load_blocks(store, "test")
 
 
 def test_batchnorm_statistics_unchanged_by_extract(dataset: Path, tmp_path: Path) -> None:

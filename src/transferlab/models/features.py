@@ -7,6 +7,9 @@ Layout of one backbone's feature store (``data/features/<backbone>/``)::
     <part>.index.csv         image id (prepared path) and label, row-aligned
     <part>.pooled.safetensors  pooled vectors (N x C float32) + label indices
     <part>.maps.npy          last conv feature maps (N x C x H x W float16)
+    <part>.blocks.safetensors  train and val only: every named block's pooled
+                             output (N x C_block float32) and the ImageNet
+                             classifier's top-1 probability, for the probe
 
 Maps are written batch by batch into a memory-mapped ``.npy`` and freed heap
 pages go back to the OS every few batches, so peak memory does not grow with
@@ -47,6 +50,11 @@ MANIFEST = "manifest.json"
 # Batches between returns of freed heap pages to the OS (transferlab.memory): after every batch the
 # next one faults its pages in afresh (~7% slower on 2 cores); every 8 keeps the peak flat for ~1%.
 RELEASE_EVERY = 8
+# The parts whose every block is kept for the probe stage: it chooses a strategy, so test is never looked at.
+# Keeping them here costs the pooling of each block's output in the same forward pass (the last block's output
+# is the maps); a probe of its own would forward train and val a second time (about as long as this stage).
+PROBE_PARTS = ("train", "val")
+TOP1 = "imagenet_top1"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,15 @@ class PartFeatures:
     labels: np.ndarray  # label names, row-aligned
     pooled: np.ndarray  # N x C float32
     maps: np.ndarray | None  # N x C x H x W float16, memory-mapped; None when not kept
+
+
+@dataclass(frozen=True)
+class BlockVectors:
+    """Pooled block outputs of one part's images, row-aligned with its index."""
+
+    blocks: list[str]  # input to output
+    vectors: list[np.ndarray]  # per block: N x C_block float32
+    top1: np.ndarray  # N: the ImageNet classifier's top-1 softmax probability
 
 
 def load_batch(paths: list[Path], backbone: Backbone) -> torch.Tensor:
@@ -95,11 +112,24 @@ def _extract_part(
     maps_file = None
     maps_shape: list[int] | None = None
     pooled = []
+    probe = part in PROBE_PARTS
+    names = [name for name, _ in backbone.blocks()] if probe else []
+    blocks: list[list[torch.Tensor]] = [[] for _ in names]
+    top1: list[torch.Tensor] = []
     start = 0
     desc = f"extract {backbone.name} [{part}]"
     with torch.inference_mode(), autocast(device):
         for batch, (images, _) in enumerate(tqdm(loader, desc=desc, unit="batch"), start=1):
-            fmap = backbone.forward_features(images_to(images, device)).float().cpu().contiguous()
+            if probe:
+                last = None  # the last block's output is forward_features' maps (tests/test_backbones.py)
+                for i, (_, last) in enumerate(backbone.block_outputs(images_to(images, device))):
+                    blocks[i].append(backbone.pool(last).float().cpu())
+                logits = backbone.imagenet_logits_from_maps(last).float()
+                top1.append(torch.softmax(logits, dim=1).amax(dim=1).cpu())
+                fmap = last.float().cpu().contiguous()
+                del last, logits
+            else:
+                fmap = backbone.forward_features(images_to(images, device)).float().cpu().contiguous()
             if keep_maps:
                 if maps_file is None:
                     maps_shape = [len(paths), *fmap.shape[1:]]
@@ -118,11 +148,15 @@ def _extract_part(
     vectors = torch.cat(pooled) if pooled else torch.empty(0, backbone.num_features)
     label_idx = torch.tensor([classes.index(lbl) for lbl in rows["label"]], dtype=torch.int64)
     save_file({"pooled": vectors.contiguous(), "labels": label_idx}, str(out / f"{part}.pooled.safetensors"))
+    if probe:
+        save_file({**{name: torch.cat(parts) if parts else torch.empty(0) for name, parts in zip(names, blocks)},
+                   TOP1: torch.cat(top1) if top1 else torch.empty(0)}, str(out / f"{part}.blocks.safetensors"))
     rows[["path", "label"]].to_csv(out / f"{part}.index.csv", index=False, lineterminator="\n")
     return {
         "n": len(paths),
         "pooled_shape": list(vectors.shape),
         "maps_shape": maps_shape,
+        "probe_blocks": names if probe else None,
     }
 
 
@@ -196,6 +230,18 @@ def load_part(store: Path, part: str, need_maps: bool) -> PartFeatures:
     classes = manifest["classes"]
     labels = np.array([classes[i] for i in tensors["labels"].tolist()], dtype=object)
     return PartFeatures(list(index["path"]), labels, tensors["pooled"].numpy(), maps)
+
+
+def load_blocks(store: Path, part: str) -> BlockVectors:
+    """The probe's vectors of one part (train or val): every block's pooled output and the ImageNet top-1."""
+    store = Path(store)
+    if part not in PROBE_PARTS:
+        raise ValueError(f"block vectors are kept for {PROBE_PARTS} only, not {part!r}")
+    names = read_manifest(store)["parts"][part].get("probe_blocks")
+    if names is None:
+        raise FileNotFoundError(f"{store}: no block vectors for {part!r}; rerun extract (dvc repro)")
+    tensors = load_file(str(store / f"{part}.blocks.safetensors"))
+    return BlockVectors(names, [tensors[name].numpy() for name in names], tensors[TOP1].numpy())
 
 
 def class_counts(store: Path, part: str) -> dict[str, int]:

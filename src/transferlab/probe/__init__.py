@@ -1,7 +1,8 @@
 """Measure where a backbone's features stop serving a new task, and choose the fine-tuning strategy from it.
 
-One forward pass of the train and val images keeps the globally average-pooled
-output of every named block (``forward``); a linear probe per block --
+extract's one forward pass of the train and val images keeps the globally
+average-pooled output of every named block in the feature store
+(``models/features.py``); a linear probe per block --
 logistic regression on standardized vectors, C chosen by cross-validation on
 train, scored on val with a bootstrap interval -- gives the accuracy curve
 from input to output (``linear``). Two dataset measures place the data in the
@@ -11,6 +12,6 @@ function of (curve, measures, params) recommends ``head_only``,
 ``report`` writes the JSON, CSV and PNG; ``job`` runs it all for the stage;
 ``choice`` turns ``finetune.strategy: auto`` into the recommended strategy.
 
-Only ``forward`` and ``job`` import torch: ``recommend`` and ``choice`` are
-plain Python, so finetune's resolution and the rule's tests stay light.
+Only ``job`` (through the feature store's loader) imports torch: ``recommend`` and
+``choice`` are plain Python, so finetune's resolution and the rule's tests stay light.
 """
