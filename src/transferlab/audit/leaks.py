@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from sklearn.preprocessing import normalize
 
 from transferlab.models.features import PartFeatures
 
@@ -21,8 +22,8 @@ ROWS_PER_BLOCK = 1024  # held-out rows per similarity block: bounded memory
 
 
 def unit_rows(X: np.ndarray) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    """Rows scaled to unit L2 norm in float32 (an all-zero row stays zero): dot products are then cosines."""
+    return normalize(np.asarray(X, dtype=np.float32))
 
 
 def nearest(queries: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

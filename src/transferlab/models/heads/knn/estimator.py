@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.preprocessing import normalize
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from transferlab.models.heads.common import FLOAT_DTYPES, check, check_int, encode_labels, is_number, pool
@@ -31,9 +32,8 @@ _KNN = KnnHeadParams()
 
 
 def _unit_rows(X: NDArray[Any]) -> NDArray[np.float32]:
-    X = np.asarray(X, dtype=np.float32)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.maximum(norms, np.finfo(np.float32).tiny)
+    """Rows scaled to unit L2 norm in float32 (an all-zero row stays zero): dot products are then cosines."""
+    return normalize(np.asarray(X, dtype=np.float32))
 
 
 class KnnHead(ClassifierMixin, BaseEstimator):
