@@ -94,6 +94,22 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _forward(backbone: Backbone, images: torch.Tensor,
+             probe: bool) -> tuple[torch.Tensor, tuple[list[torch.Tensor], torch.Tensor] | None]:
+    """One batch: the maps (float32, CPU) and, for the probe's parts, each block's pooled output and the top-1.
+
+    The probe's parts run block by block (the last block's output is forward_features' maps,
+    tests/test_backbones.py), so keeping every block costs a pooling each, not a second forward.
+    """
+    if not probe:
+        return backbone.forward_features(images).float().cpu().contiguous(), None
+    pooled, last = [], images
+    for _, last in backbone.block_outputs(images):
+        pooled.append(backbone.pool(last).float().cpu())
+    top1 = torch.softmax(backbone.imagenet_logits_from_maps(last).float(), dim=1).amax(dim=1).cpu()
+    return last.float().cpu().contiguous(), (pooled, top1)
+
+
 def _extract_part(
     backbone: Backbone,
     rows: pd.DataFrame,
@@ -120,16 +136,11 @@ def _extract_part(
     desc = f"extract {backbone.name} [{part}]"
     with torch.inference_mode(), autocast(device):
         for batch, (images, _) in enumerate(tqdm(loader, desc=desc, unit="batch"), start=1):
-            if probe:
-                last = None  # the last block's output is forward_features' maps (tests/test_backbones.py)
-                for i, (_, last) in enumerate(backbone.block_outputs(images_to(images, device))):
-                    blocks[i].append(backbone.pool(last).float().cpu())
-                logits = backbone.imagenet_logits_from_maps(last).float()
-                top1.append(torch.softmax(logits, dim=1).amax(dim=1).cpu())
-                fmap = last.float().cpu().contiguous()
-                del last, logits
-            else:
-                fmap = backbone.forward_features(images_to(images, device)).float().cpu().contiguous()
+            fmap, probed = _forward(backbone, images_to(images, device), probe)
+            if probed is not None:
+                for i, vectors in enumerate(probed[0]):
+                    blocks[i].append(vectors)
+                top1.append(probed[1])
             if keep_maps:
                 if maps_file is None:
                     maps_shape = [len(paths), *fmap.shape[1:]]
