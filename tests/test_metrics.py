@@ -313,6 +313,16 @@ def test_comparison_table_ci_string():
     assert table["accuracy_95ci"].item() == "0.951 [0.915, 0.980]"
 
 
+def test_comparison_carries_the_accuracy_without_the_audits_leaks(tmp_path):
+    results = [_result("a", 0.9, 0.9, accuracy_without_leaks=0.8, n_without_leaks=25), _result("b", 0.8, 0.8)]
+    write_comparison(comparison_table(results), tmp_path / "c.csv", tmp_path / "c.md")
+    table = pd.read_csv(tmp_path / "c.csv")
+    assert table.loc[0, "accuracy_without_leaks"] == pytest.approx(0.8) and table.loc[0, "n_without_leaks"] == 25
+    assert math.isnan(table.loc[1, "accuracy_without_leaks"])  # no audit: empty, not 0
+    header = (tmp_path / "c.md").read_text().splitlines()[0]
+    assert "accuracy_without_leaks" in header
+
+
 def test_comparison_table_rejects_bad_results():
     with pytest.raises(ValueError, match="lacks"):
         comparison_table([{"model": "m", "accuracy": 0.5}])

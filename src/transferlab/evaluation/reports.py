@@ -24,16 +24,18 @@ if TYPE_CHECKING:
 
 HEAD_KINDS = ("head", "finetune")
 REQUIRED_RESULT_KEYS = ("model", "kind", "backbone", "accuracy", "accuracy_ci", "balanced_accuracy", "macro_f1")
-OPTIONAL_FLOAT_KEYS = ("log_loss", "ece", "train_seconds", "gflops")
-OPTIONAL_INT_KEYS = ("params_trainable", "params_frozen")
+# accuracy_without_leaks / n_without_leaks: on the test images the audit did not flag as likely leaks
+OPTIONAL_FLOAT_KEYS = ("log_loss", "ece", "train_seconds", "gflops", "accuracy_without_leaks")
+OPTIONAL_INT_KEYS = ("params_trainable", "params_frozen", "n_without_leaks")
 TABLE_COLUMNS = (
     "rank", "model", "kind", "backbone", "accuracy", "accuracy_95ci", "accuracy_ci_low", "accuracy_ci_high",
     "balanced_accuracy", "macro_f1", "log_loss", "ece", "train_seconds", "params_trainable", "params_frozen", "gflops",
+    "accuracy_without_leaks", "n_without_leaks",
 )
 # The Markdown table is for reading: the interval as one string, no duplicate columns.
 MARKDOWN_COLUMNS = (
-    "rank", "model", "kind", "accuracy_95ci", "balanced_accuracy", "macro_f1", "log_loss", "ece",
-    "train_seconds", "params_trainable", "params_frozen", "gflops",
+    "rank", "model", "kind", "accuracy_95ci", "accuracy_without_leaks", "balanced_accuracy", "macro_f1", "log_loss",
+    "ece", "train_seconds", "params_trainable", "params_frozen", "gflops",
 )
 MARKDOWN_DECIMALS = 3
 # What metrics.json holds per model; figures a model lacks (no probabilities: no log loss) are left out.
