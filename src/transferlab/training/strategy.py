@@ -23,12 +23,13 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from transferlab.config import FinetuneParams, ParamsError
 from transferlab.models.backbones import ALL_BLOCKS, Backbone
 from transferlab.models.finetuned import HEAD_TYPE, head_spec, new_head  # noqa: F401 - re-exported
 from transferlab.data.images import image_loader
+from transferlab.distributed.ranks import SINGLE, Ranks
 from transferlab.device import autocast_dtype, conv_net_to
 from transferlab.training.images import FinetuneError, SplitData, train_transform
 
@@ -187,6 +188,9 @@ class Session:
     generator: torch.Generator  # the train loader's shuffling
     device: torch.device
     amp_dtype: torch.dtype | None  # finetune.autocast resolved for the device; None: float32
+    sampler: DistributedSampler[Any]  # the train order: a permutation per epoch (set_epoch), sharded over ranks
+    ranks: Ranks = SINGLE
+    net: nn.Module | None = None  # what the train step calls: model, or its DistributedDataParallel wrapper
 
     @property
     def amp(self) -> bool:
@@ -204,15 +208,50 @@ class Session:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
+def _data_parallel(backbone: Backbone, model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel; on CUDA the BatchNorm layers that train become SyncBatchNorm.
+
+    SyncBatchNorm normalises a trained BatchNorm with the statistics of the
+    global batch, as one process would. Frozen blocks keep plain BatchNorm: in
+    eval mode it uses its running statistics, with nothing to synchronise.
+    PyTorch's SyncBatchNorm runs on GPUs only: on the CPU (Gloo) a trained
+    BatchNorm normalises with its rank's share of the batch (DDP's default), and
+    the running statistics are rank 0's (broadcast_buffers).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        trained = set(trained_blocks(backbone))
+        for name, block in backbone.blocks():
+            if name in trained:
+                for child_name, child in list(block.named_children()):
+                    setattr(block, child_name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)  # buffers (running stats) follow rank 0
+
+
 def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams,
-                 device: torch.device | str = "cpu") -> Session:
+                 device: torch.device | str = "cpu", ranks: Ranks = SINGLE) -> Session:
+    """Loaders, optimiser, schedule and loss for ``model``; with several ``ranks``, data-parallel.
+
+    ``finetune.batch_size`` is the global batch: each of the ``world`` ranks
+    takes ``batch_size / world`` images of it per step (config validates that it
+    divides), and DDP averages their gradients, so a step sees the same images
+    and takes the same mean gradient as one process with ``batch_size``. The
+    order is DistributedSampler's permutation seeded with ``seed + epoch``
+    (one process: the same sampler with one replica); val is sharded by
+    ``items[rank::world]`` and gathered back in order for its figures.
+    """
     device = torch.device(device)
     conv_net_to(model, device)  # the loop moves its batches with device.images_to: the same layout
     generator = torch.Generator().manual_seed(params.seed)
+    per_rank = params.batch_size // ranks.world
+    sampler = DistributedSampler(data.train, num_replicas=ranks.world, rank=ranks.rank, shuffle=True,
+                                 seed=params.seed)
     # the one image pipeline (transferlab.data.images); NUM_WORKERS: see above (exact resume)
-    train_loader = image_loader(data.train, train_transform(backbone, params.augment), params.batch_size, device,
-                                NUM_WORKERS, shuffle=True, generator=generator)
-    val_loader = image_loader(data.val, backbone.eval_transform, params.batch_size, device, NUM_WORKERS)
+    train_loader = image_loader(data.train, train_transform(backbone, params.augment), per_rank, device,
+                                NUM_WORKERS, sampler=sampler)
+    val_loader = image_loader(ranks.shard(list(data.val)), backbone.eval_transform, per_rank, device, NUM_WORKERS)
     optimizer = make_optimizer(param_groups(backbone, params.lr, params.backbone_lr_factor, params.weight_decay),
                                params)
     weight = class_weights(data, params)
@@ -230,4 +269,7 @@ def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: 
         generator=generator,
         device=device,
         amp_dtype=amp_dtype,
+        sampler=sampler,
+        ranks=ranks,
+        net=_data_parallel(backbone, model, device, ranks) if ranks.distributed else None,
     )
