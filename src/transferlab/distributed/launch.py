@@ -94,7 +94,7 @@ def _launch(stage: str, params: DistributedParams, node_rank: int | None) -> NoR
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         others = sorted(set(err.failures) - {rank})
-        also = f"; also failed: ranks {others}" if others else ""
+        also = f"; then ranks {others} (their peer gone)" if others else ""
         raise DistributedError(
             f"{_describe(rank, failure)}{also}; torchrun stopped the other ranks and the stage failed. "
             "Run `dvc repro` again once the cause is fixed: finetune resumes from its last checkpoint"

@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1]  # src/transferlab
 CODE_MODULES = (
     "transferlab.training.finetune", "transferlab.training.strategy", "transferlab.training.images",
     "transferlab.training.warm_start", "transferlab.training.checkpoint", "transferlab.loop",
-    "transferlab.models.finetuned",
+    "transferlab.models.finetuned", "transferlab.distributed.ranks",
 )
 CODE_PACKAGES = ("transferlab.models.backbones",)
 
