@@ -11,6 +11,7 @@ writes the store (the same bytes as one process) and the one MLflow run.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         record = out.with_name(f"{out.name}.run.json")
         with main_only(ranks, lambda: tracking.stage_run(f"extract@{name}", logged, record, store=store)) as run:
             tally: dict[str, int] = {}
+            started = time.perf_counter()
             manifest = extract(backbone, args.split, args.images, out, params.batch_size, params.keep_maps,
                                device=device, num_workers=workers, ranks=ranks, tally=tally)
+            seconds = time.perf_counter() - started  # rank 0: the backbone load to the store written
             by_rank = [sum(t.values()) for t in ranks.gather(tally) or []]
             if manifest is None:
                 return
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             counts = manifest["param_counts"]
             run.log_metrics({"images_forwarded": forwarded, "params_total": counts["total"],
                              "params_frozen": counts["frozen"], "world_size": ranks.world,
+                             "extract_seconds": round(seconds, 3),
                              **{f"images_forwarded_rank{r}": n for r, n in enumerate(by_rank)}})
             run.log_dict(manifest, "feature_manifest.json")
             split = f" ({' + '.join(map(str, by_rank))} by {ranks.world} ranks)" if ranks.distributed else ""

@@ -21,7 +21,7 @@ import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -99,8 +99,12 @@ def _extract_part(
     num_workers: int,
     ranks: Ranks,
     tally: dict[str, int],
+    offset: int = 0,
 ) -> dict[str, Any]:
-    """One part: batch ``j`` of the part is forwarded by rank ``j % world``; rank 0 writes them in order.
+    """One part: batch ``j`` of the part is forwarded by rank ``(offset + j) % world``; rank 0 writes them in order.
+
+    ``offset``: the batches of the parts before this one, so the round-robin goes on across parts and a
+    small part (val, test: often one batch) does not always fall to rank 0.
 
     Sharding whole batches (not images) keeps every batch exactly the one a
     single process forwards, so the store is bitwise the same for any number of
@@ -109,7 +113,8 @@ def _extract_part(
     """
     paths = [images_root / p for p in rows["path"]]
     batches = _batches(len(paths), batch_size)
-    mine = batches[ranks.rank :: ranks.world]
+    first = offset % ranks.world  # the rank that forwards this part's first batch
+    mine = batches[(ranks.rank - first) % ranks.world :: ranks.world]
     # every batch but the part's last is full, so a loader over my batches' images yields exactly my batches
     loader = image_loader([(paths[i], 0) for b in mine for i in b], backbone.eval_transform, batch_size, device,
                           num_workers)
@@ -117,15 +122,15 @@ def _extract_part(
     maps_shape: list[int] | None = None
     pooled: list[torch.Tensor] = []
     written = np.zeros(len(paths), dtype=np.int64)  # rank 0: how often each row arrived (must be once)
-    rounds = -(-len(batches) // ranks.world)
+    rounds = -(-(first + len(batches)) // ranks.world)
     desc = f"extract {backbone.name} [{part}]"
     with torch.inference_mode(), autocast(device):
         it = iter(loader)
         for k in tqdm(range(rounds), desc=desc, unit="round" if ranks.distributed else "batch",
                       disable=not ranks.is_main):
-            j = k * ranks.world + ranks.rank
+            j = k * ranks.world + ranks.rank - first
             mine_now = None
-            if j < len(batches):
+            if 0 <= j < len(batches):
                 images, _ = next(it)
                 fmap = backbone.forward_features(images_to(images, device)).float().cpu().contiguous()
                 mine_now = (j, backbone.pool(fmap).to(POOLED_DTYPE),
@@ -196,18 +201,22 @@ def extract(
     backbone.module.eval()  # BatchNorm must use its ImageNet statistics, never batch ones
     backbone.module.requires_grad_(False)  # frozen: nothing here trains, and the counts say so
     conv_net_to(backbone.module, device)
-    parts: dict[str, Any] = {}
-    if not ranks.is_main:
+
+    def parts_in_order(out: Path | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        offset = 0  # batches before this part: the ranks' round-robin goes on across parts
         for part, rows in split.groupby("part", sort=True):
-            _extract_part(backbone, rows.reset_index(drop=True), images_root, None, str(part), batch_size,
-                          keep_maps, classes, device, num_workers, ranks, tally)
+            yield str(part), _extract_part(backbone, rows.reset_index(drop=True), images_root, out, str(part),
+                                           batch_size, keep_maps, classes, device, num_workers, ranks, tally,
+                                           offset)
+            offset += -(-len(rows) // batch_size)
+
+    if not ranks.is_main:  # it forwards its shard; rank 0 writes
+        for _ in parts_in_order(None):
+            pass
         return None
+    parts: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
-        for part, rows in split.groupby("part", sort=True):
-            parts[str(part)] = _extract_part(
-                backbone, rows.reset_index(drop=True), images_root, tmp, str(part), batch_size, keep_maps, classes,
-                device, num_workers, ranks, tally,
-            )
+        parts.update(parts_in_order(tmp))
         manifest = {
             "backbone": backbone.name,
             "weights": backbone.weights_id,
