@@ -43,6 +43,7 @@ __all__ = [
     "make_scheduler",
     "make_session",
     "new_head",
+    "sync_trained_batchnorm",
     "param_groups",
     "trainable_blocks",
     "trained_blocks",
@@ -208,26 +209,37 @@ class Session:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
-def _data_parallel(backbone: Backbone, model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
-    """``model`` wrapped in DistributedDataParallel; on CUDA the BatchNorm layers that train become SyncBatchNorm.
+def sync_trained_batchnorm(model: nn.Module) -> list[str]:
+    """Swap each BatchNorm that trains for a SyncBatchNorm (in place); returns their names.
 
-    SyncBatchNorm normalises a trained BatchNorm with the statistics of the
-    global batch, as one process would. Frozen blocks keep plain BatchNorm: in
-    eval mode it uses its running statistics, with nothing to synchronise.
+    SyncBatchNorm normalises with the statistics of the global batch, as one
+    process would. Frozen BatchNorm stays as it is: in eval mode it uses its
+    running statistics, with nothing to synchronise. The same Parameter objects
+    move over, so an optimiser built before still holds them.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    swapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _BatchNorm) and any(p.requires_grad for p in child.parameters()):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                swapped.append(f"{parent_name}.{name}" if parent_name else name)
+    return swapped
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel; on CUDA its trained BatchNorm synchronised.
+
     PyTorch's SyncBatchNorm runs on GPUs only: on the CPU (Gloo) a trained
-    BatchNorm normalises with its rank's share of the batch (DDP's default), and
-    the running statistics are rank 0's (broadcast_buffers).
+    BatchNorm normalises with its rank's share of the batch (DDP's default).
+    Running statistics (buffers) are rank 0's: DDP broadcasts them every step.
     """
     from torch.nn.parallel import DistributedDataParallel
 
     if device.type == "cuda":
-        trained = set(trained_blocks(backbone))
-        for name, block in backbone.blocks():
-            if name in trained:
-                for child_name, child in list(block.named_children()):
-                    setattr(block, child_name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)  # buffers (running stats) follow rank 0
+        sync_trained_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams,
@@ -271,5 +283,5 @@ def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: 
         amp_dtype=amp_dtype,
         sampler=sampler,
         ranks=ranks,
-        net=_data_parallel(backbone, model, device, ranks) if ranks.distributed else None,
+        net=_data_parallel(model, device) if ranks.distributed else None,
     )
