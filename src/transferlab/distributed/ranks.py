@@ -123,6 +123,11 @@ def init_ranks(params: DistributedParams, device: torch.device) -> Iterator[Rank
 
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            from transferlab.distributed.launch import DistributedError
+
+            raise DistributedError(f"distributed.nproc_per_node: got {params.nproc_per_node}; allowed: at most "
+                                   f"the {torch.cuda.device_count()} CUDA device(s) of this node (one per rank)")
         torch.cuda.set_device(local_rank)
     backend = _backend(params.backend, device)
     timeout = timedelta(seconds=params.timeout_s)

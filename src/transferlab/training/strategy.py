@@ -186,7 +186,7 @@ class Session:
     loss_fn: nn.Module
     train_loader: DataLoader
     val_loader: DataLoader
-    generator: torch.Generator  # the train loader's shuffling
+    generator: torch.Generator  # seeded; the train order comes from ``sampler`` (seed + epoch), so resume needs no RNG
     device: torch.device
     amp_dtype: torch.dtype | None  # finetune.autocast resolved for the device; None: float32
     sampler: DistributedSampler[Any]  # the train order: a permutation per epoch (set_epoch), sharded over ranks
