@@ -83,7 +83,7 @@ def main() -> None:
     try:
         n_train = write_project(work, args.images)
         for nproc, threads in WAYS:
-            way = f"{nproc} x {threads or 'default'} threads"
+            way = f"{nproc} x {threads or ('1 (torchrun)' if nproc > 1 else 'default')}"
             out = f"data/features/{nproc}-{threads}"
             wall = stage(work, "extract.py", ["--out", out], nproc, args.epochs, threads)
             ex = extract_seconds(work)
