@@ -3,6 +3,11 @@
 Outputs in models/finetune/<backbone>/: model.safetensors + model.json, metrics.json
 (train/val only), curve.csv (for `dvc plots`), run.json, and the working checkpoint
 checkpoint.pt (persisted between runs, so a killed run resumes after its last epoch).
+
+With distributed.nproc_per_node x nnodes > 1 the script runs itself again
+under torchrun and trains with DistributedDataParallel (finetune.batch_size is
+the global batch); rank 0 alone writes the outputs, the checkpoint and the one
+MLflow run.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from pathlib import Path
 
 from transferlab import config, paths, tracking
 from transferlab.config import ParamsError
+from transferlab.distributed.ranks import Ranks
+from transferlab.device import resolve_device
+from transferlab.distributed import init_ranks, main_only, relaunch
 from transferlab.errors import exit_on_user_error
 from transferlab.probe.choice import resolve
 from transferlab.training.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
@@ -27,24 +35,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: models/finetune/<backbone>")
     parser.add_argument("--probe", type=Path, help="the probe report strategy auto reads "
                                                   "(default: reports/probe/<backbone>.json)")
+    parser.add_argument("--node-rank", type=int, help="this node's rank (default: distributed.node_rank); "
+                                                      "for the commands run by hand on nodes other than 0")
     args = parser.parse_args(argv)
     name = args.backbone
     all_params = config.load(paths.PARAMS)
-    params, extract = all_params.finetune, all_params.extract
+    params = all_params.finetune
     if name not in params.backbones:
         raise ParamsError(f"finetune: {name!r} is not in finetune.backbones {params.backbones}")
     out = args.out or paths.finetune_dir(name)
+    relaunch(f"finetune@{name}", all_params.distributed, args.node_rank)  # returns in each rank, or alone
+    with init_ranks(all_params.distributed, resolve_device(all_params.compute.device)) as ranks:
+        _train(name, args, all_params, out, ranks)
+
+
+def _train(name: str, args: argparse.Namespace, all_params: config.Params, out: Path, ranks: Ranks) -> None:
+    params, extract = all_params.finetune, all_params.extract
     params, choice = resolve(params, args.probe or paths.probe_report(name))
-    if choice is not None:
+    if choice is not None and ranks.is_main:
         print(f"finetune@{name}: strategy auto chose {choice['chosen']}. {choice['reason']}", flush=True)
-    store = tracking.open_store()
+    store = tracking.open_store() if ranks.is_main else None
     job = FinetuneJob(name, params, args.split, args.images, out, extract.weights.get(name),
                       extract.weights_path.get(name), args.heads or paths.HEADS / name,
                       head_kinds=all_params.train_head.kinds, device=all_params.compute.device, choice=choice)
     logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path, **params.model_dump(),
-              "strategy_requested": choice["requested"] if choice else params.strategy}
-    with tracking.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD, store=store) as run:
-        result = finetune(job)
+              "strategy_requested": choice["requested"] if choice else params.strategy, "world_size": ranks.world,
+              "batch_size_per_rank": params.batch_size // ranks.world}
+    with main_only(ranks, lambda: tracking.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD,
+                                                     store=store)) as run:
+        result = finetune(job, ranks=ranks)
+        if not ranks.is_main:
+            return
         run.set_tags({"weights_id": result.backbone.weights_id, "resumed_from_epoch": result.resumed_from,
                       "strategy_chosen": choice["chosen"] if choice else params.strategy,
                       "strategy_reason": choice["reason"] if choice else ""})

@@ -19,6 +19,7 @@ FORBIDDEN = {
     "evaluation": ("serving", "tracking", "cli", "preflight"),
     "tracking": ("serving", "data", "models", "training", "evaluation", "cli", "preflight"),
     "serving": ("training", "evaluation", "cli", "preflight"),
+    "distributed": ("data", "models", "training", "evaluation", "serving", "tracking", "cli", "preflight", "audit"),
 }
 
 

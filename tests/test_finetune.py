@@ -580,3 +580,17 @@ def test_stage_killed_mid_epoch_resumes(tmp_path: Path) -> None:
     assert len(pd.read_csv(out / CURVE_FILE)) == max_epochs
     assert json.loads((out / METRICS_FILE).read_text())["epochs_run"] == max_epochs
     load_finetuned(out)
+
+
+def test_only_the_batchnorm_that_trains_is_synchronised_across_ranks() -> None:
+    from transferlab.training.strategy import sync_trained_batchnorm
+
+    backbone = small_backbone("last_blocks", last_blocks=1)
+    optimizer = make_optimizer(param_groups(backbone, 0.01, 0.1, 0.0), FAST)
+    before = ids(p for g in optimizer.param_groups for p in g["params"])
+    swapped = sync_trained_batchnorm(backbone.module)
+    bns = {n: m for n, m in backbone.module.named_modules() if isinstance(m, _BatchNorm)}
+    trained = {n for n, m in bns.items() if any(p.requires_grad for p in m.parameters())}
+    assert swapped and set(swapped) == trained
+    assert all(isinstance(bns[n], nn.SyncBatchNorm) == (n in trained) for n in bns)
+    assert ids(p for p in backbone.module.parameters() if p.requires_grad) == before  # the optimiser's own

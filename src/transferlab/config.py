@@ -13,7 +13,6 @@ number. :func:`read_yaml` reads numbers the way DVC does, so both agree.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -22,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from transferlab.validation import (  # noqa: F401 - re-exported: config is where callers look
     CLOSE_CUTOFF, CLOSE_MATCHES, ParamsError, Section, _problem, parse, parse_section, read_yaml,
+)
+from transferlab.config_compute import (  # noqa: F401 - re-exported: config is where callers look
+    DEVICE_FORMS, DEVICE_PATTERN, ENDPOINT_PATTERN, ComputeParams, DistributedParams,
 )
 
 PARTS = ("train", "val", "test")
@@ -304,24 +306,6 @@ class ProbeParams(Section):
         return self
 
 
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
-
-
-class ComputeParams(Section):
-    """Where torch runs (``auto``: CUDA, then MPS, then CPU) and how many DataLoader decode workers."""
-
-    device: str = "auto"
-    # None: sized for the device by transferlab.device.decode_workers; 0 decodes in the main process
-    num_workers: int | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _device(self) -> ComputeParams:
-        if not DEVICE_PATTERN.fullmatch(self.device):
-            raise _problem("device", self.device, DEVICE_FORMS)
-        return self
-
-
 class Params(Section):
     """The whole params.yaml: every section, and the rules that span sections."""
 
@@ -335,9 +319,16 @@ class Params(Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     probe: ProbeParams = Field(default_factory=ProbeParams)
     compute: ComputeParams = Field(default_factory=ComputeParams)
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
 
     @model_validator(mode="after")
     def _across(self) -> Params:
+        world = self.distributed.world_size
+        if self.finetune.batch_size % world:
+            # finetune.batch_size is the global batch: each rank takes batch_size / world of it
+            raise _problem("finetune.batch_size", self.finetune.batch_size,
+                           f"a multiple of the world size distributed.nproc_per_node x nnodes ({world}): "
+                           "the global batch is split evenly over the ranks")
         outside = [b for b in self.finetune.backbones if b not in self.extract.backbones]
         if outside:
             # finetune reads that backbone's cached-feature heads (init, comparison); they come from extract

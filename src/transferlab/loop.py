@@ -110,13 +110,17 @@ class Loop:
     timed: bool = False  # record each epoch's wall seconds
     # how an input batch moves to ``device`` (e.g. device.images_to: channels_last for conv nets)
     inputs_to: Callable[[Tensor, torch.device | None], Tensor] = _to
-
-
+    # Data-parallel training (transferlab.distributed): ``net`` is what the train step calls (the
+    # DistributedDataParallel wrapper of ``model``; None: ``model``); ``ranks`` sums the train figures over
+    # the ranks, gathers the sharded val logits back in order (``interleave``) and has every rank take
+    # rank 0's epoch record (``broadcast``), so early stopping is decided once. None: one process.
+    net: nn.Module | None = None
+    ranks: Any = None
 
 
 def train_epoch(loop: Loop, batches: Batches) -> tuple[float, float]:
     """One pass over ``batches``; returns the running mean loss and accuracy (dropout active)."""
-    model, optimizer, scaler = loop.model, loop.optimizer, loop.scaler
+    model, optimizer, scaler = loop.net or loop.model, loop.optimizer, loop.scaler
     loss_sum, correct, seen = 0.0, 0, 0
     for xb, yb in batches:
         xb, yb = loop.inputs_to(xb, loop.device), _to(yb, loop.device)
@@ -136,6 +140,8 @@ def train_epoch(loop: Loop, batches: Batches) -> tuple[float, float]:
         loss_sum += loss.item() * len(yb)
         correct += int((logits.argmax(dim=1) == yb).sum())
         seen += len(yb)
+    if loop.ranks is not None:
+        loss_sum, correct, seen = loop.ranks.sum([loss_sum, correct, seen])
     return loss_sum / seen, correct / seen
 
 
@@ -146,8 +152,13 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     device: torch.device | None = None,
     inputs_to: Callable[[Tensor, torch.device | None], Tensor] = _to,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[float, float]:
-    """Loss and accuracy over all of ``batches`` at once, in eval mode."""
+    """Loss and accuracy over all of ``batches`` at once, in eval mode.
+
+    ``gather``: rows of every rank's shard, back in the items' order (the loss
+    is then computed over the whole split, as one process computes it).
+    """
     model.eval()
     logits, labels = [], []
     with torch.inference_mode(), autocast():
@@ -155,6 +166,8 @@ def evaluate(
             logits.append(model(inputs_to(xb, device)).float())
             labels.append(_to(yb, device))
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    if gather is not None:
+        all_logits, all_labels = gather(all_logits), gather(all_labels)
     loss = float(loss_fn(all_logits, all_labels))
     return loss, float((all_logits.argmax(dim=1) == all_labels).double().mean())
 
@@ -182,11 +195,13 @@ def run_epoch(loop: Loop, state: LoopState) -> dict[str, Any]:
     val_loss, val_acc = (None, None)
     if loop.val_batches is not None:
         val_loss, val_acc = evaluate(loop.model, loop.val_batches(), loop.loss_fn, loop.autocast, loop.device,
-                                     loop.inputs_to)
+                                     loop.inputs_to, None if loop.ranks is None else loop.ranks.interleave)
     record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
               "val_acc": val_acc, **before}
     if loop.timed:
         record["seconds"] = round(time.perf_counter() - started, 3)
+    if loop.ranks is not None:
+        record = loop.ranks.broadcast(record)  # rank 0's figures decide, identically on every rank
     state.history.append(record)
     state.epoch = epoch
     _update(loop, state, record)

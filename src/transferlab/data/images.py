@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferlab.data.imaging import open_rgb
 from transferlab.device import loader_kwargs
@@ -46,17 +46,20 @@ def image_loader(
     num_workers: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    sampler: Sampler[int] | None = None,
 ) -> DataLoader[tuple[Tensor, int]]:
     """A DataLoader of :class:`ImageDataset` batches ``(N x C x H x W tensor, N labels)`` for ``device``.
 
     ``num_workers`` processes decode in parallel (``compute.num_workers``; 0:
     in this process). With ``shuffle``, pass a seeded ``generator`` for a
     reproducible order; it also seeds the workers' random augmentations.
+    ``sampler`` (e.g. a DistributedSampler) decides the order instead of ``shuffle``.
     """
     return DataLoader(
         ImageDataset(items, transform),
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
+        sampler=sampler,
         **loader_kwargs(device, num_workers),
     )

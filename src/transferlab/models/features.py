@@ -24,11 +24,12 @@ import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed
 from numpy.lib.format import open_memmap
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from transferlab.data.images import image_loader
 from transferlab.data.imaging import open_rgb
 from transferlab.device import autocast, conv_net_to, images_to
+from transferlab.distributed.ranks import SINGLE, Ranks
 from transferlab.models.heads.registry import specs
 from transferlab.io import atomic_dir, atomic_write_json, sha256_file
 from transferlab.memory import release_freed_memory
@@ -55,6 +57,9 @@ RELEASE_EVERY = 8
 # is the maps); a probe of its own would forward train and val a second time (about as long as this stage).
 PROBE_PARTS = ("train", "val")
 TOP1 = "imagenet_top1"
+# extract.weights "none" builds a randomly initialised network (tests, baselines): seeded, so reruns and
+# every rank of a distributed run build the same one (load_backbone under torch.random.fork_rng)
+RANDOM_INIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -110,49 +115,88 @@ def _forward(backbone: Backbone, images: torch.Tensor,
     return last.float().cpu().contiguous(), (pooled, top1)
 
 
+def _batches(n: int, batch_size: int) -> list[range]:
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
 def _extract_part(
     backbone: Backbone,
     rows: pd.DataFrame,
     images_root: Path,
-    out: Path,
+    out: Path | None,
     part: str,
     batch_size: int,
     keep_maps: bool,
     classes: list[str],
     device: torch.device,
     num_workers: int,
+    ranks: Ranks,
+    tally: dict[str, int],
+    offset: int = 0,
 ) -> dict[str, Any]:
+    """One part: batch ``j`` of the part is forwarded by rank ``(offset + j) % world``; rank 0 writes them in order.
+
+    ``offset``: the batches of the parts before this one, so the round-robin goes on across parts and a
+    small part (val, test: often one batch) does not always fall to rank 0.
+
+    Sharding whole batches (not images) keeps every batch exactly the one a
+    single process forwards, so the store is bitwise the same for any number of
+    ranks. Rank 0 collects one round of batches (one per rank) at a time: memory
+    stays one round of maps, whatever the dataset.
+    """
     paths = [images_root / p for p in rows["path"]]
-    # workers decode and transform the next batches while the backbone runs on this one
-    loader = image_loader([(path, 0) for path in paths], backbone.eval_transform, batch_size, device, num_workers)
+    batches = _batches(len(paths), batch_size)
+    first = offset % ranks.world  # the rank that forwards this part's first batch
+    mine = batches[(ranks.rank - first) % ranks.world :: ranks.world]
+    # every batch but the part's last is full, so a loader over my batches' images yields exactly my batches
+    loader = image_loader([(paths[i], 0) for b in mine for i in b], backbone.eval_transform, batch_size, device,
+                          num_workers)
     maps_file = None
     maps_shape: list[int] | None = None
-    pooled = []
+    pooled: list[torch.Tensor] = []
     probe = part in PROBE_PARTS
     names = [name for name, _ in backbone.blocks()] if probe else []
     blocks: list[list[torch.Tensor]] = [[] for _ in names]
     top1: list[torch.Tensor] = []
-    start = 0
+    written = np.zeros(len(paths), dtype=np.int64)  # rank 0: how often each row arrived (must be once)
+    rounds = -(-(first + len(batches)) // ranks.world)
     desc = f"extract {backbone.name} [{part}]"
     with torch.inference_mode(), autocast(device):
-        for batch, (images, _) in enumerate(tqdm(loader, desc=desc, unit="batch"), start=1):
-            fmap, probed = _forward(backbone, images_to(images, device), probe)
-            if probed is not None:
-                for i, vectors in enumerate(probed[0]):
-                    blocks[i].append(vectors)
-                top1.append(probed[1])
-            if keep_maps:
-                if maps_file is None:
-                    maps_shape = [len(paths), *fmap.shape[1:]]
-                    maps_file = open_memmap(
-                        out / f"{part}.maps.npy", mode="w+", dtype=MAPS_DTYPE, shape=tuple(maps_shape)
-                    )
-                maps_file[start : start + len(images)] = fmap.numpy().astype(MAPS_DTYPE)
-            pooled.append(backbone.pool(fmap).to(POOLED_DTYPE))
-            start += len(images)
-            del images, fmap
-            if batch % RELEASE_EVERY == 0:  # else the heap fragments and the peak grows with the dataset
+        it = iter(loader)
+        for k in tqdm(range(rounds), desc=desc, unit="round" if ranks.distributed else "batch",
+                      disable=not ranks.is_main):
+            j = k * ranks.world + ranks.rank - first
+            mine_now = None
+            if 0 <= j < len(batches):
+                images, _ = next(it)
+                fmap, probed = _forward(backbone, images_to(images, device), probe)
+                mine_now = (j, backbone.pool(fmap).to(POOLED_DTYPE),
+                            fmap.numpy().astype(MAPS_DTYPE) if keep_maps else None, probed)
+                tally[part] = tally.get(part, 0) + len(images)
+                del images, fmap
+            arrived = ranks.gather(mine_now)
+            if arrived is None:  # not rank 0: it writes nothing
+                continue
+            for j, vectors, fmap, probed in sorted((a for a in arrived if a is not None), key=lambda a: a[0]):
+                rows_j = batches[j]
+                written[rows_j.start : rows_j.stop] += 1
+                if keep_maps:
+                    if maps_file is None:
+                        maps_shape = [len(paths), *fmap.shape[1:]]
+                        maps_file = open_memmap(out / f"{part}.maps.npy", mode="w+", dtype=MAPS_DTYPE,
+                                                shape=tuple(maps_shape))
+                    maps_file[rows_j.start : rows_j.stop] = fmap
+                pooled.append(vectors)
+                if probed is not None:
+                    for i, block_vectors in enumerate(probed[0]):
+                        blocks[i].append(block_vectors)
+                    top1.append(probed[1])
+            if (k + 1) % RELEASE_EVERY == 0:  # else the heap fragments and the peak grows with the dataset
                 release_freed_memory()
+    if out is None:
+        return {}
+    if not (written == 1).all():  # a sharding bug must never write a store with a row missing or doubled
+        raise RuntimeError(f"extract {part}: rows forwarded other than once: {np.flatnonzero(written != 1)[:10]}")
     if maps_file is not None:
         maps_file.flush()
         del maps_file
@@ -180,25 +224,44 @@ def extract(
     keep_maps: bool = True,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
-) -> dict[str, Any]:
+    ranks: Ranks = SINGLE,
+    tally: dict[str, int] | None = None,
+) -> dict[str, Any] | None:
     """Write the feature store for ``backbone`` atomically; return its manifest.
 
     ``device``: where the backbone runs (``compute.device``, resolved); the
     stored tensors are always CPU tensors, so the store loads anywhere.
+    With several ``ranks`` (a torchrun world) each forwards a disjoint shard of
+    every part and rank 0 writes the store, the same bytes as one process
+    writes; the other ranks return None. ``tally`` (part -> images) counts what
+    this rank forwarded.
     """
+    tally = {} if tally is None else tally
     device = torch.device(device)
     split = pd.read_csv(split_csv, dtype={"label": str}, keep_default_na=False)
     classes = sorted(split["label"].unique())
+    if ranks.distributed:  # every rank forwards rank 0's network, whatever each node loaded
+        for tensor in backbone.module.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0, group=ranks.group)
     backbone.module.eval()  # BatchNorm must use its ImageNet statistics, never batch ones
     backbone.module.requires_grad_(False)  # frozen: nothing here trains, and the counts say so
     conv_net_to(backbone.module, device)
+
+    def parts_in_order(out: Path | None) -> Iterator[tuple[str, dict[str, Any]]]:
+        offset = 0  # batches before this part: the ranks' round-robin goes on across parts
+        for part, rows in split.groupby("part", sort=True):
+            yield str(part), _extract_part(backbone, rows.reset_index(drop=True), images_root, out, str(part),
+                                           batch_size, keep_maps, classes, device, num_workers, ranks, tally,
+                                           offset)
+            offset += -(-len(rows) // batch_size)
+
+    if not ranks.is_main:  # it forwards its shard; rank 0 writes
+        for _ in parts_in_order(None):
+            pass
+        return None
     parts: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
-        for part, rows in split.groupby("part", sort=True):
-            parts[str(part)] = _extract_part(
-                backbone, rows.reset_index(drop=True), images_root, tmp, str(part), batch_size, keep_maps, classes,
-                device, num_workers,
-            )
+        parts.update(parts_in_order(tmp))
         manifest = {
             "backbone": backbone.name,
             "weights": backbone.weights_id,

@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1]  # src/transferlab
 CODE_MODULES = (
     "transferlab.training.finetune", "transferlab.training.strategy", "transferlab.training.images",
     "transferlab.training.warm_start", "transferlab.training.checkpoint", "transferlab.loop",
-    "transferlab.models.finetuned",
+    "transferlab.models.finetuned", "transferlab.distributed.ranks",
 )
 CODE_PACKAGES = ("transferlab.models.backbones",)
 
@@ -51,13 +51,15 @@ def code_digests() -> dict[str, str]:
     return {path.resolve().relative_to(PACKAGE).as_posix(): sha256_file(path) for path in _files()}
 
 
-def identity(job: Any, backbone: Any, data: Any, warm: Any) -> dict[str, Any]:
+def identity(job: Any, backbone: Any, data: Any, warm: Any, world: int = 1) -> dict[str, Any]:
     """What a checkpoint must match to be resumed, or to count as this run's finished result.
 
     Params, weights, data, warm-start head, and the training code: a DVC rerun
     after a code change must train again, not rewrite outputs from a checkpoint
     the old code made. ``finetune.backbones`` is left out: adding another
-    backbone to the list must not restart this one.
+    backbone to the list must not restart this one. ``world``: the number of
+    data-parallel ranks (their shards and augmentation streams are part of the
+    run), so a checkpoint resumes only with as many ranks as made it.
     """
     params = job.params.model_dump(exclude={"backbones"})
     ident = {
@@ -68,12 +70,17 @@ def identity(job: Any, backbone: Any, data: Any, warm: Any) -> dict[str, Any]:
         "split_sha256": data.sha256,
         "init": None if warm is None else {"head": warm.kind, "sha256": warm.sha256},
         "code": code_digests(),
+        "world_size": world,
     }
     return json.loads(json.dumps(ident))  # the plain types a weights_only load gives back
 
 
-def checkpoint(session: Session, state: LoopState, ident: dict[str, Any]) -> dict[str, Any]:
-    """Plain dict of state dicts, numbers, strings and lists: loads with weights_only=True."""
+def checkpoint(session: Session, state: LoopState, ident: dict[str, Any],
+               rank_rngs: list[Any] | None = None) -> dict[str, Any]:
+    """Plain dict of state dicts, numbers, strings and lists: loads with weights_only=True.
+
+    ``rank_rngs``: every rank's torch RNG state, in rank order (data-parallel runs).
+    """
     cuda_rng = torch.cuda.get_rng_state_all() if session.device.type == "cuda" else []
     return {
         "format": FORMAT_VERSION,
@@ -88,7 +95,8 @@ def checkpoint(session: Session, state: LoopState, ident: dict[str, Any]) -> dic
         "best_epoch": state.best_epoch,
         "bad_epochs": state.bad_epochs,
         "history": state.history,
-        "rng": {"torch": torch.get_rng_state(), "loader": session.generator.get_state(), "cuda": cuda_rng},
+        "rng": {"torch": torch.get_rng_state(), "loader": session.generator.get_state(), "cuda": cuda_rng,
+                "ranks": list(rank_rngs or [])},
     }
 
 
@@ -137,7 +145,8 @@ def restore(session: Session, data: dict[str, Any]) -> LoopState:
     if session.amp and data["scaler"]:
         session.scaler.load_state_dict(data["scaler"])
     rng = data["rng"]
-    torch.set_rng_state(rng["torch"])
+    ranks = session.ranks
+    torch.set_rng_state(rng["ranks"][ranks.rank] if ranks.distributed else rng["torch"])
     session.generator.set_state(rng["loader"])
     if session.device.type == "cuda" and rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import safetensors.torch
 import torch
@@ -43,6 +44,7 @@ from tqdm import tqdm
 
 from transferlab.config import FinetuneParams
 from transferlab.device import images_to, resolve_device
+from transferlab.distributed.ranks import SINGLE, Ranks
 from transferlab.io import atomic_path, atomic_write_json, sha256_file
 from transferlab.loop import Loop, LoopState, Monitor, finished, fresh_state, run
 from transferlab.models.backbones import NO_WEIGHTS, Backbone, load_backbone
@@ -82,6 +84,10 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _quiet(message: str) -> None:
+    """The echo of ranks other than 0: rank 0 says it once."""
+
+
 @dataclass(frozen=True)
 class FinetuneJob:
     """What to fine-tune, on which data, and where the outputs go."""
@@ -112,7 +118,7 @@ class FinetuneResult:
     resumed_from: int | None  # last finished epoch found in the checkpoint, if training resumed
 
 
-def _prepare(job: FinetuneJob, note: Echo) -> tuple[Backbone, nn.Module, SplitData, WarmStart | None]:
+def _prepare(job: FinetuneJob, note: Echo, ranks: Ranks) -> tuple[Backbone, nn.Module, SplitData, WarmStart | None]:
     data = read_split(job.split_csv, job.images_root)
     params = job.params
     # Seeding before the backbone is built makes random-init backbones (weights: none) reproducible too.
@@ -125,7 +131,10 @@ def _prepare(job: FinetuneJob, note: Echo) -> tuple[Backbone, nn.Module, SplitDa
         # Loading a head builds torch modules; fork_rng keeps the seeded stream the same as with init: new.
         with torch.random.fork_rng(devices=[]):
             warm = choose_warm_start(job.heads_dir, data.classes, backbone.num_features, note, job.head_kinds)
-    return backbone, build_model(backbone, len(data.classes), params, warm), data, warm
+    model = build_model(backbone, len(data.classes), params, warm)
+    if ranks.rank > 0:  # every rank built the same network; each draws its own augmentations and dropout
+        torch.manual_seed(int(np.random.SeedSequence([params.seed, ranks.rank]).generate_state(1)[0]))
+    return backbone, model, data, warm
 
 
 def _loop(session: Session, params: FinetuneParams) -> Loop:
@@ -133,43 +142,53 @@ def _loop(session: Session, params: FinetuneParams) -> Loop:
     name, max_epochs = session.name, params.max_epochs
 
     def train_batches(epoch: int) -> Any:
+        session.sampler.set_epoch(epoch)  # this epoch's permutation, the same on every rank
         desc = f"finetune {name} epoch {epoch}/{max_epochs}"
-        return tqdm(session.train_loader, desc=desc, unit="batch", leave=False)
+        return tqdm(session.train_loader, desc=desc, unit="batch", leave=False, disable=not session.ranks.is_main)
 
     def val_batches() -> Any:
-        return tqdm(session.val_loader, desc=f"finetune {name} val", unit="batch", leave=False)
+        return tqdm(session.val_loader, desc=f"finetune {name} val", unit="batch", leave=False,
+                    disable=not session.ranks.is_main)
 
     return Loop(
         session.model, session.optimizer, session.loss_fn, train_batches, val_batches, MONITORS[params.monitor],
         max_epochs, params.patience, scheduler=session.scheduler, scaler=session.scaler,
         autocast=session.autocast, device=session.device, train_mode=lambda: session.backbone.train(True),
         before_epoch=lambda: {"lr": head_lr(session.optimizer)}, timed=True, inputs_to=images_to,
+        net=session.net, ranks=session.ranks if session.ranks.distributed else None,
     )
 
 
-def finetune(job: FinetuneJob, echo: Echo = _say, on_epoch_end: EpochHook | None = None) -> FinetuneResult:
+def finetune(job: FinetuneJob, echo: Echo = _say, on_epoch_end: EpochHook | None = None,
+             ranks: Ranks = SINGLE) -> FinetuneResult:
     """Fine-tune ``job.backbone``, resuming from ``out_dir/checkpoint.pt`` when it matches; write outputs.
 
     ``echo`` receives progress and notes (resume, warm start, skipped heads);
     ``on_epoch_end`` is called with each finished epoch's record after its
-    checkpoint is written.
+    checkpoint is written. With several ``ranks`` (DistributedDataParallel,
+    :func:`~transferlab.training.strategy.make_session`) every rank trains and
+    only rank 0 reads and writes the checkpoint and writes the outputs and notes.
     """
     notes: list[str] = []
+    if not ranks.is_main:
+        echo = _quiet
 
     def note(message: str) -> None:
         notes.append(message)
         echo(message)
 
     params = job.params
-    backbone, model, data, warm = _prepare(job, note)
-    ident = checkpoint.identity(job, backbone, data, warm)
-    session = make_session(backbone, model, data, params, resolve_device(job.device))
+    backbone, model, data, warm = _prepare(job, note, ranks)
+    ident = checkpoint.identity(job, backbone, data, warm, world=ranks.world)
+    session = make_session(backbone, model, data, params, ranks.device(resolve_device(job.device)), ranks)
     loop = _loop(session, params)
     path = job.out_dir / CHECKPOINT_FILE
     state, resumed_from = _start(session, loop, ident, path, note)
 
     def epoch_end(record: dict[str, Any], state: LoopState) -> None:
-        checkpoint.save(path, checkpoint.checkpoint(session, state, ident))
+        rngs = ranks.gather(torch.get_rng_state())  # every rank's augmentation stream, for an exact resume
+        if ranks.is_main:
+            checkpoint.save(path, checkpoint.checkpoint(session, state, ident, rngs))
         echo(_epoch_line(job.backbone, record, params.max_epochs, state.best_epoch == record["epoch"]))
         if on_epoch_end is not None:
             on_epoch_end(record)
@@ -182,7 +201,8 @@ def finetune(job: FinetuneJob, echo: Echo = _say, on_epoch_end: EpochHook | None
     meta = _meta(job, backbone, data, warm, state, session)
     result = FinetuneResult(session.model, backbone, meta, _metrics(backbone, state), state.history, notes,
                             resumed_from)
-    write_outputs(result, job.out_dir)
+    if ranks.is_main:
+        write_outputs(result, job.out_dir)
     return result
 
 
@@ -191,7 +211,8 @@ def _start(
 ) -> tuple[LoopState, int | None]:
     """Loop state restored from a matching checkpoint, or fresh; says which."""
     name, max_epochs = ident["backbone"], loop.max_epochs
-    data = checkpoint.read(path, note)
+    # rank 0 reads it (the other nodes need no copy of the output folder) and every rank resumes from it
+    data = session.ranks.broadcast(checkpoint.read(path, note) if session.ranks.is_main else None)
     if data is not None and data["params"] == ident:
         state = checkpoint.restore(session, data)
         if finished(loop, state):

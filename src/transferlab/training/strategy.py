@@ -23,12 +23,13 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from transferlab.config import FinetuneParams, ParamsError
 from transferlab.models.backbones import ALL_BLOCKS, Backbone
 from transferlab.models.finetuned import HEAD_TYPE, head_spec, new_head  # noqa: F401 - re-exported
 from transferlab.data.images import image_loader
+from transferlab.distributed.ranks import SINGLE, Ranks
 from transferlab.device import autocast_dtype, conv_net_to
 from transferlab.training.images import FinetuneError, SplitData, train_transform
 
@@ -42,6 +43,7 @@ __all__ = [
     "make_scheduler",
     "make_session",
     "new_head",
+    "sync_trained_batchnorm",
     "param_groups",
     "trainable_blocks",
     "trained_blocks",
@@ -184,9 +186,12 @@ class Session:
     loss_fn: nn.Module
     train_loader: DataLoader
     val_loader: DataLoader
-    generator: torch.Generator  # the train loader's shuffling
+    generator: torch.Generator  # seeded; the train order comes from ``sampler`` (seed + epoch), so resume needs no RNG
     device: torch.device
     amp_dtype: torch.dtype | None  # finetune.autocast resolved for the device; None: float32
+    sampler: DistributedSampler[Any]  # the train order: a permutation per epoch (set_epoch), sharded over ranks
+    ranks: Ranks = SINGLE
+    net: nn.Module | None = None  # what the train step calls: model, or its DistributedDataParallel wrapper
 
     @property
     def amp(self) -> bool:
@@ -204,15 +209,61 @@ class Session:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
+def sync_trained_batchnorm(model: nn.Module) -> list[str]:
+    """Swap each BatchNorm that trains for a SyncBatchNorm (in place); returns their names.
+
+    SyncBatchNorm normalises with the statistics of the global batch, as one
+    process would. Frozen BatchNorm stays as it is: in eval mode it uses its
+    running statistics, with nothing to synchronise. The same Parameter objects
+    move over, so an optimiser built before still holds them.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    swapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _BatchNorm) and any(p.requires_grad for p in child.parameters()):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                swapped.append(f"{parent_name}.{name}" if parent_name else name)
+    return swapped
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel; on CUDA its trained BatchNorm synchronised.
+
+    PyTorch's SyncBatchNorm runs on GPUs only: on the CPU (Gloo) a trained
+    BatchNorm normalises with its rank's share of the batch (DDP's default).
+    Running statistics (buffers) are rank 0's: DDP broadcasts them every step.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        sync_trained_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: FinetuneParams,
-                 device: torch.device | str = "cpu") -> Session:
+                 device: torch.device | str = "cpu", ranks: Ranks = SINGLE) -> Session:
+    """Loaders, optimiser, schedule and loss for ``model``; with several ``ranks``, data-parallel.
+
+    ``finetune.batch_size`` is the global batch: each of the ``world`` ranks
+    takes ``batch_size / world`` images of it per step (config validates that it
+    divides), and DDP averages their gradients, so a step sees the same images
+    and takes the same mean gradient as one process with ``batch_size``. The
+    order is DistributedSampler's permutation seeded with ``seed + epoch``
+    (one process: the same sampler with one replica); val is sharded by
+    ``items[rank::world]`` and gathered back in order for its figures.
+    """
     device = torch.device(device)
     conv_net_to(model, device)  # the loop moves its batches with device.images_to: the same layout
     generator = torch.Generator().manual_seed(params.seed)
+    per_rank = params.batch_size // ranks.world
+    sampler = DistributedSampler(data.train, num_replicas=ranks.world, rank=ranks.rank, shuffle=True,
+                                 seed=params.seed)
     # the one image pipeline (transferlab.data.images); NUM_WORKERS: see above (exact resume)
-    train_loader = image_loader(data.train, train_transform(backbone, params.augment), params.batch_size, device,
-                                NUM_WORKERS, shuffle=True, generator=generator)
-    val_loader = image_loader(data.val, backbone.eval_transform, params.batch_size, device, NUM_WORKERS)
+    train_loader = image_loader(data.train, train_transform(backbone, params.augment), per_rank, device,
+                                NUM_WORKERS, sampler=sampler)
+    val_loader = image_loader(ranks.shard(list(data.val)), backbone.eval_transform, per_rank, device, NUM_WORKERS)
     optimizer = make_optimizer(param_groups(backbone, params.lr, params.backbone_lr_factor, params.weight_decay),
                                params)
     weight = class_weights(data, params)
@@ -230,4 +281,7 @@ def make_session(backbone: Backbone, model: nn.Module, data: SplitData, params: 
         generator=generator,
         device=device,
         amp_dtype=amp_dtype,
+        sampler=sampler,
+        ranks=ranks,
+        net=_data_parallel(model, device) if ranks.distributed else None,
     )
