@@ -42,6 +42,7 @@ REPORT_COMPARISON_MD = "comparison.md"
 REPORT_CONFUSION = "confusion"
 REPORT_CONFUSION_PNG = "confusion_png"
 REPORT_ROC = "roc"
+REPORT_HTML = "index.html"  # the self-contained report page (transferlab.evaluation.html)
 
 
 def features(backbone: str) -> Path:
@@ -67,5 +68,5 @@ def finetune_dir(backbone: str) -> Path:
 def evaluate_outputs(reports: Path = REPORTS) -> list[Path]:
     """What evaluate must have written before it may register a champion (besides the champion folder)."""
     names = (REPORT_METRICS, REPORT_COMPARISON_CSV, REPORT_COMPARISON_MD, REPORT_CONFUSION, REPORT_CONFUSION_PNG,
-             REPORT_ROC)
+             REPORT_ROC, REPORT_HTML)
     return [reports / name for name in names]
