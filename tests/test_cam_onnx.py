@@ -74,11 +74,17 @@ def test_reliability_bins_are_the_ece_bins() -> None:
 
 
 def test_tta_param_is_validated() -> None:
+    from typing import get_args
+
+    from transferlab.evaluation.tta import VIEWS
+
     assert config.EvaluateParams().tta == []
+    allowed = get_args(get_args(config.EvaluateParams.model_fields["tta"].annotation)[0])
+    assert set(allowed) == set(VIEWS)  # every view the params allow is implemented
     assert config.parse(config.EvaluateParams, {"tta": ["hflip"]}).tta == ["hflip"]
     with pytest.raises(config.ParamsError, match="tta.0: got 'vflip'; allowed: one of 'hflip'"):
         config.parse(config.EvaluateParams, {"tta": ["vflip"]})
-    with pytest.raises(config.ParamsError, match="tta: got \\['hflip', 'hflip'\\]; allowed: unique names"):
+    with pytest.raises(config.ParamsError, match="tta: got \\['hflip', 'hflip'\\]; allowed: unique view names"):
         config.parse(config.EvaluateParams, {"tta": ["hflip", "hflip"]})
 
 

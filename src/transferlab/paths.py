@@ -68,5 +68,5 @@ def finetune_dir(backbone: str) -> Path:
 def evaluate_outputs(reports: Path = REPORTS) -> list[Path]:
     """What evaluate must have written before it may register a champion (besides the champion folder)."""
     names = (REPORT_METRICS, REPORT_COMPARISON_CSV, REPORT_COMPARISON_MD, REPORT_CONFUSION, REPORT_CONFUSION_PNG,
-             REPORT_ROC, REPORT_HTML)
+             REPORT_ROC)
     return [reports / name for name in names]
