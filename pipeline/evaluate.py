@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         gflops = {b: backbone_gflops(b, read_manifest(args.features / b)["transform"]["crop_size"])
                   for b in extract.backbones}
         leaked = set(read_audit(args.audit)["leaked_test_images"])
-        results = [figures(s, params, gflops[s.ref.backbone]) | without_leaks(s, leaked) for s in scored]
+        views = [1] * plain + [1 + len(params.tta)] * (len(scored) - plain)  # a TTA row runs the network per view
+        results = [figures(s, params, gflops[s.ref.backbone] * n) | without_leaks(s, leaked)
+                   for s, n in zip(scored, views)]
         write_reports(scored, results, args.reports)
         for s, result in zip(scored[:plain], results[:plain]):
             tracking.link_test_figures(run, s.ref.path / paths.RUN_RECORD, s.ref.name, metric_summary(result))

@@ -288,7 +288,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.out is not None:
         _write_csv(args.out, paths, frame)
     if args.cam is not None:  # the predicted class's map over each classified image
-        print(f"{len(overlays.write_overlays(predictor, paths, list(frame[serving.LABEL]), args.cam))} CAM(s) in {args.cam}")
+        written = overlays.write_overlays(predictor, paths, list(frame[serving.LABEL]), args.cam)
+        print(f"{len(written)} class activation map(s) in {args.cam}")
     bad = [(p, e) for p, e in zip(paths, frame[serving.ERROR]) if isinstance(e, str)]
     for path, error in bad:
         print(f"transferlab: cannot classify {path}: {error}", file=sys.stderr)

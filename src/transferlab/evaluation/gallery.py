@@ -71,7 +71,8 @@ def _cam_function(s: Scored, features_root: Path, backbones: dict[str, Any]
         from transferlab.models.finetuned import load_finetuned
 
         _, _, backbone = load_finetuned(ref.path)
-        return backbone.eval_transform, lambda row, image, k: cam.network_cam(backbone, backbone.eval_transform(image), k)
+        transform = backbone.eval_transform
+        return transform, lambda row, image, k: cam.network_cam(backbone, transform(image), k)
     transform = backbones[ref.backbone].eval_transform
     if ref.head not in ("gap", "linear"):
         return transform, None

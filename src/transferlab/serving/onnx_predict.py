@@ -136,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
         "searched recursively for the image extensions stored in the model."))
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     parser.add_argument("--model", required=True, metavar="MODEL.onnx", help="a model written by `transferlab export`")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"classes shown per image (default: {DEFAULT_TOP_K})")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                        help=f"classes shown per image (default: {DEFAULT_TOP_K})")
     parser.add_argument("--out", type=Path, help="also write every probability to this CSV")
     return parser
 
