@@ -151,3 +151,22 @@ def test_backbone_gflops_on_the_meta_device_equals_a_real_forward_count() -> Non
         backbone.forward_features(torch.zeros(1, 3, 160, 160))
     assert counter.get_total_flops() > 0
     assert backbone_gflops("mobilenet_v2", 160) == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-12)
+
+
+def test_report_page_of_a_model_without_probabilities_leaves_out_what_needs_them(uncalibrated_svm, tmp_path: Path):
+    from transferlab.evaluation import figures as plots, html
+    from transferlab.evaluation.reports import comparison_table
+
+    features, heads, _ = uncalibrated_svm
+    reports = tmp_path / "reports"
+    results, _ = _evaluate(features, heads, reports, "val_accuracy")
+    scored = [score(ref, features, pd.DataFrame(), features, batch_size=8)
+              for ref in find_models(heads, heads.parent / "finetune", [BACKBONE], ["svm"], [])]
+    drawn = [("ROC", "roc", plots.roc_png(results)), ("Reliability", "reliability", plots.reliability_png(scored, 10))]
+    assert [payload for _, _, payload in drawn] == [None, None]  # no probabilities: no curve, no diagram
+    page = html.render(comparison_table(results), results, drawn,
+                       {f"{BACKBONE}-svm": reports / "confusion_png" / f"{BACKBONE}-svm.png"}, {},
+                       {"git commit": "<abc>"})
+    assert 'id="roc"' not in page and 'id="reliability"' not in page
+    assert f"{BACKBONE}-svm" in page and "&lt;abc&gt;" in page and "<abc>" not in page  # text is escaped
+    assert page.count('src="data:image/png;base64,') == 1  # the confusion matrix, embedded

@@ -1,9 +1,7 @@
 """``transferlab`` command line: thin wrappers over the library, one small function per command.
 
-A command is added with an ``_add_<name>(subparsers)`` that registers its
-arguments and sets ``handler`` to a ``_cmd_<name>(args) -> int``. Expected
-failures (bad input, missing data) are raised as one of USER_ERRORS and end as
-a one-line message on stderr with exit code 2, never a traceback.
+A command registers its arguments with an ``add_parser(subparsers)`` in its own module (or an ``_add_<name>``
+here) and sets ``handler``; expected failures (UserError) end as one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -19,7 +17,9 @@ from transferlab import __version__
 from transferlab.config import EvaluateParams, Params, load
 from transferlab.errors import EXIT_USER_ERROR, UserError
 from transferlab.data.sources import SourceError, check_layout, get_source, skipped_files
-from transferlab.tracking import server as team_server
+from transferlab.evaluation import report_command
+from transferlab.serving import export_command
+from transferlab.tracking import compare_command, server as team_server
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
 class PredictError(UserError, ValueError):
     """`transferlab predict` cannot start: no images, or no model to load."""
-
-
-class CompareError(UserError):
-    """`transferlab compare` was asked for executions that do not exist."""
 
 
 EXIT_OK = 0
@@ -172,44 +168,6 @@ def _add_summary(subparsers: Any) -> None:
     summary.set_defaults(handler=_cmd_summary)
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from transferlab import tracking
-    from transferlab.tracking import compare
-
-    if args.last is not None and args.last < 1:
-        raise CompareError(f"--last must be at least 1, got {args.last}")
-    runs = tracking.executions(args.root)
-    if not runs:
-        raise CompareError(compare.render([]))
-    experiments = args.exp or ()
-    known = {r.tags.get(tracking.TAG_EXP_NAME) for r in runs}
-    missing = [name for name in experiments if name not in known]
-    if missing:
-        have = sorted(n for n in known if n)
-        raise CompareError(f"no execution of DVC experiment {', '.join(map(repr, missing))} reached evaluate; "
-                           f"experiments that did: {', '.join(have) or 'none'}")
-    chosen = compare.choose(runs, last=len(runs) if args.all else args.last, experiments=experiments)
-    print(compare.render(chosen))
-    return EXIT_OK
-
-
-def _add_compare(subparsers: Any) -> None:
-    cmp = subparsers.add_parser(
-        "compare",
-        help="compare pipeline executions recorded in MLflow: differing params and test figures",
-        description=(
-            "By default the latest execution that reached evaluate; when that is a DVC experiment, "
-            "also the latest plain execution before it, side by side."
-        ),
-    )
-    cmp.add_argument("--last", type=int, metavar="N", help="the N latest executions")
-    cmp.add_argument("--exp", action="append", metavar="NAME", help="executions of DVC experiment NAME (repeatable)")
-    cmp.add_argument("--all", action="store_true", help="every execution")
-    cmp.add_argument("--root", type=Path, default=Path("."),
-                     help="a folder of the project whose mlruns/ holds the store (default: .)")
-    cmp.set_defaults(handler=_cmd_compare)
-
-
 def _cmd_audit(args: argparse.Namespace) -> int:
     from transferlab.audit.show import format_audit, read_audit
 
@@ -264,8 +222,8 @@ def _device(args: argparse.Namespace) -> Any:
     return resolve_device(_params(args.params).compute.device, key=DEFAULT_KEY)
 
 
-def _model(args: argparse.Namespace) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """The model as a function from a `path` frame to the serving output frame."""
+def _model(args: argparse.Namespace) -> tuple[Callable[[pd.DataFrame], pd.DataFrame], Any]:
+    """The model as a function from a `path` frame to the serving output frame, and its Predictor."""
     device = _device(args)
     if args.model == CHAMPION:
         from transferlab.serving import registry
@@ -273,15 +231,15 @@ def _model(args: argparse.Namespace) -> Callable[[pd.DataFrame], pd.DataFrame]:
         # a progress bar per artifact copy drowns the table on a terminal
         os.environ.setdefault(PROGRESS_BAR_ENV, "false")
         champion = registry.load_champion(_registered_name(args), args.root, device)
-        return champion.predict  # type: ignore[no-any-return]
+        return champion.predict, champion.unwrap_python_model().predictor
     from transferlab.serving import pyfunc as serving
     from transferlab.serving.predictor import PredictorError, load_predictor
 
     try:
         predictor = load_predictor(args.model, device)
     except PredictorError as exc:
-        raise PredictError(f"{exc}; --model takes `{CHAMPION}` or a predictor directory") from exc
-    return lambda frame: serving.classify(predictor, frame)
+        raise PredictError(f"{exc}; --model takes `{CHAMPION}`, a predictor directory or a .onnx file") from exc
+    return (lambda frame: serving.classify(predictor, frame)), predictor
 
 
 def _top_k(row: Any, columns: list[str], prefix: str, k: int) -> str:
@@ -313,7 +271,7 @@ def _write_csv(out: Path, paths: list[str], frame: pd.DataFrame) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from transferlab.serving import pyfunc as serving
+    from transferlab.serving import overlays, pyfunc as serving
 
     if args.top_k < 1:
         raise PredictError(f"--top-k must be at least 1, got {args.top_k}")
@@ -322,10 +280,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise PredictError(f"no image files ({', '.join(sorted(extensions))}) under {', '.join(map(str, args.paths))}")
     paths = [str(f) for f in files]
-    frame = _model(args)(pd.DataFrame({serving.PATH: paths}))
+    model, predictor = _model(args)
+    if args.cam is not None:
+        overlays.check_cam(predictor)  # before predicting: a model without maps fails at once
+    frame = model(pd.DataFrame({serving.PATH: paths}))
     _print_table(paths, frame, args.top_k)
     if args.out is not None:
         _write_csv(args.out, paths, frame)
+    if args.cam is not None:  # the predicted class's map over each classified image
+        written = overlays.write_overlays(predictor, paths, list(frame[serving.LABEL]), args.cam)
+        print(f"{len(written)} class activation map(s) in {args.cam}")
     bad = [(p, e) for p, e in zip(paths, frame[serving.ERROR]) if isinstance(e, str)]
     for path, error in bad:
         print(f"transferlab: cannot classify {path}: {error}", file=sys.stderr)
@@ -356,6 +320,8 @@ def _add_predict(subparsers: Any) -> None:
         "--top-k", type=int, default=DEFAULT_TOP_K, help=f"classes shown per image (default: {DEFAULT_TOP_K})"
     )
     predict.add_argument("--out", type=Path, help="also write every probability to this CSV")
+    predict.add_argument("--cam", type=Path, metavar="DIR", help="also write a class activation map over each image "
+                         "(<stem>.cam.png, the predicted class's) into DIR, e.g. beside the CSV")
     predict.add_argument(
         "--registered-name", metavar="NAME",
         help=f"registered model name (default: evaluate.registered_model in --params, else {DEFAULT_REGISTERED_NAME})",
@@ -375,10 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(subparsers)
     _add_summary(subparsers)
-    _add_compare(subparsers)
+    compare_command.add_parser(subparsers)
     _add_predict(subparsers)
     _add_audit(subparsers)
     team_server.add_parser(subparsers)
+    report_command.add_parser(subparsers)
+    export_command.add_parser(subparsers)
     return parser
 
 

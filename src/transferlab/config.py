@@ -258,6 +258,14 @@ class EvaluateParams(Section):
     ece_bins: int = Field(15, ge=2)
     select_by: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     registered_model: str = Field("transferlab", min_length=1, pattern=r"\S")
+    tta: list[Literal["hflip"]] = Field(default_factory=list)  # views averaged with the plain one: "+tta" rows
+    gallery: int = Field(8, ge=1, le=100)  # top-loss test images per model in reports/index.html
+
+    @model_validator(mode="after")
+    def _tta(self) -> EvaluateParams:
+        if len(set(self.tta)) != len(self.tta):
+            raise _problem("tta", self.tta, "unique view names, or [] for none")
+        return self
 
 
 class LabelIssueParams(Section):

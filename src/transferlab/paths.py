@@ -42,6 +42,7 @@ REPORT_COMPARISON_MD = "comparison.md"
 REPORT_CONFUSION = "confusion"
 REPORT_CONFUSION_PNG = "confusion_png"
 REPORT_ROC = "roc"
+REPORT_HTML = "index.html"  # the self-contained report page (transferlab.evaluation.html)
 
 
 def features(backbone: str) -> Path:

@@ -21,12 +21,13 @@ import io
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from transferlab.config import IngestParams
+if TYPE_CHECKING:  # annotation only: the ONNX prediction path decodes through here without pydantic
+    from transferlab.config import IngestParams
 
 BYTES_PER_MB = 1024 * 1024
 # Reduce by whole factors first, then LANCZOS the last < 3x: Pillow documents this

@@ -26,7 +26,7 @@ from transferlab.evaluation.metrics import evaluate_predictions, select_best
 from transferlab.models.backbones import NO_WEIGHTS, load_backbone
 from transferlab.models.features import load_part
 from transferlab.models.heads import load_head
-from transferlab.paths import evaluate_outputs
+from transferlab.paths import REPORT_HTML, evaluate_outputs
 from transferlab.training.heads import MAP_HEADS, MODEL_FILE
 
 GIGA = 1e9
@@ -161,5 +161,5 @@ def champion(results: list[dict[str, Any]], params: EvaluateParams) -> dict[str,
 
 
 def missing_outputs(reports: Path, champion_dir: Path) -> list[Path]:
-    """Declared evaluate outputs that do not exist (none, once the reports and the champion are written)."""
-    return [p for p in [*evaluate_outputs(reports), champion_dir] if not p.exists()]
+    """Declared evaluate outputs that do not exist (none, once the reports, the page and the champion are written)."""
+    return [p for p in [*evaluate_outputs(reports), reports / REPORT_HTML, champion_dir] if not p.exists()]

@@ -114,6 +114,22 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def _confidence_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    # equal-width bins ((m-1)/M, m/M]; a confidence of 0 goes to the first
+    return np.clip(np.ceil(confidence * n_bins).astype(np.intp) - 1, 0, n_bins - 1)
+
+
+def reliability_bins(y_true_idx: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """The reliability diagram of the top-1 prediction: per non-empty bin (the ECE's bins), its mean
+    confidence, accuracy and image count."""
+    proba = np.asarray(proba, dtype=np.float64)
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == np.asarray(y_true_idx).ravel()
+    bins = _confidence_bins(confidence, n_bins)
+    return [{"confidence": float(confidence[bins == b].mean()), "accuracy": float(correct[bins == b].mean()),
+             "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
+
+
 def expected_calibration_error(y_true_idx: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error of the top-1 prediction (Guo et al. 2017).
 
@@ -128,7 +144,7 @@ def expected_calibration_error(y_true_idx: np.ndarray, proba: np.ndarray, n_bins
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     confidence = proba.max(axis=1)
     correct = (proba.argmax(axis=1) == y_true_idx).astype(np.float64)
-    bins = np.clip(np.ceil(confidence * n_bins).astype(np.intp) - 1, 0, n_bins - 1)
+    bins = _confidence_bins(confidence, n_bins)
     # |acc_b - conf_b| * n_b equals |sum of correct - sum of confidence| within bin b.
     gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=confidence, minlength=n_bins)
     return float(np.abs(gap).sum() / y_true_idx.size)

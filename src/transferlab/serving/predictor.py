@@ -86,6 +86,8 @@ class Predictor:
     spec: dict[str, Any]
     decoding: IngestParams = field(default_factory=IngestParams)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where ``scores`` runs
+    # one transformed image (C x H x W) and a class index -> its class activation map (H' x W'); None: no maps
+    cam_of: Callable[[torch.Tensor, int], np.ndarray] | None = None
 
     def predict_proba(self, images: Sequence[Image.Image], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """Probabilities of decoded RGB images (:meth:`open_image`), ``batch_size`` per forward pass."""
@@ -272,8 +274,31 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Pred
 
         module, _, backbone = load_finetuned(path)
         scores = _module_scores(conv_net_to(module.eval(), device))
+        head = None
     else:
         backbone = _load_head_backbone(path, spec)
         conv_net_to(backbone.module.eval(), device)
-        scores = _head_scores(backbone, load_head(path / HEAD_FILE))
-    return Predictor(list(spec["classes"]), backbone.eval_transform, scores, spec, decoding, device)
+        head = load_head(path / HEAD_FILE)
+        scores = _head_scores(backbone, head)
+    return Predictor(list(spec["classes"]), backbone.eval_transform, scores, spec, decoding, device,
+                     _cam_function(backbone, head, device))
+
+
+def _cam_function(backbone: Backbone, head: Any, device: torch.device
+                  ) -> Callable[[torch.Tensor, int], np.ndarray] | None:
+    """CAM for the gap head, Grad-CAM for the linear head and fine-tuned networks; None for other heads."""
+    from transferlab.models import cam
+
+    if head is None:
+        return lambda image, k: cam.network_cam(backbone, images_to(image[None], device)[0], k)
+    if not hasattr(head, "torch_module"):
+        return None
+
+    def maps_of(image: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return backbone.forward_features(images_to(image[None], device)).float().cpu()
+
+    if hasattr(head, "cam"):
+        return lambda image, k: cam.gap_cam(head, maps_of(image)[0].numpy(), k)
+    net = head.torch_module()
+    return lambda image, k: cam.grad_cam(net, maps_of(image), k)

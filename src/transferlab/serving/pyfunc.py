@@ -40,22 +40,15 @@ import numpy as np
 import pandas as pd
 
 from transferlab.serving.predictor import DEFAULT_BATCH, Classified, ImageSource, Predictor, array_to_png, load_predictor
+from transferlab.serving.columns import (  # noqa: F401 - the table's columns, re-exported
+    ERROR, IMAGE, LABEL, PATH, PROBA_PREFIX, PROBABILITY, proba_column,
+)
 
-PATH = "path"
-IMAGE = "image"
-LABEL = "label"
-PROBABILITY = "probability"
-ERROR = "error"
-PROBA_PREFIX = "p_"
 PREDICTOR_ARTIFACT = "predictor"  # key of the predictor directory in the pyfunc's artifacts
 DEVICE_CONFIG = "device"  # model_config key: the torch device the loaded pyfunc runs on
 BATCH_NDIM = 4  # N x H x W x C
 
 ModelInput = Union[pd.DataFrame, pd.Series, np.ndarray, Sequence[ImageSource], str, os.PathLike[str], bytes]
-
-
-def proba_column(label: str) -> str:
-    return f"{PROBA_PREFIX}{label}"
 
 
 def _missing(value: Any) -> bool:
@@ -132,11 +125,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self._predictor: Predictor | None = None
+        self.predictor_dir: str | None = None  # the logged predictor directory (its model.onnx, when exported)
 
     def load_context(self, context: Any) -> None:
         # `mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})` picks the device at load time
         config = getattr(context, "model_config", None) or {}
-        self._predictor = load_predictor(context.artifacts[PREDICTOR_ARTIFACT], config.get(DEVICE_CONFIG, "cpu"))
+        self.predictor_dir = context.artifacts[PREDICTOR_ARTIFACT]
+        self._predictor = load_predictor(self.predictor_dir, config.get(DEVICE_CONFIG, "cpu"))
+
+    @property
+    def predictor(self) -> Predictor:
+        if self._predictor is None:
+            raise RuntimeError("ImageClassifier used before load_context: load it with mlflow.pyfunc.load_model")
+        return self._predictor
 
     # The hint stays pd.DataFrame, what the signature lets through: MLflow reads
     # predict's type hints and warns about (or validates against) anything else.
