@@ -34,6 +34,7 @@ demo: $(STAMP) data/raw
 	@echo "The registered champion on a few test images:"
 	$(BIN)/transferlab predict $$($(BIN)/python -c '$(DEMO_IMAGES)') --top-k 2
 	@echo
+	@echo "The report page:     $(abspath reports/index.html)  ($(BIN)/transferlab report --open)"
 	@echo "Compare executions:  $(BIN)/transferlab compare"
 	@echo "Browse every run:    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns/mlflow.db)"
 
