@@ -69,12 +69,14 @@ def run(
     cwd: Path,
     *,
     check: bool = True,
-    timeout: float = 120,
+    timeout: float | None = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing text output; on failure show stdout/stderr."""
     proc = subprocess.run(
         [str(a) for a in args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -86,6 +88,12 @@ def run(
             f"cwd: {cwd}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
         )
     return proc
+
+
+def output(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1800) -> str:
+    """stdout + stderr of a command that must succeed: the e2e tests' `dvc repro`, `transferlab ...`."""
+    done = run(cmd, cwd, env=env, timeout=timeout)
+    return done.stdout + done.stderr
 
 
 def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -11,24 +11,18 @@ extract (its store is the same bytes).
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from helpers import copy_project, project_env
+from helpers import copy_project, project_env, output as run
 from transferlab import tracking
 
 pytestmark = pytest.mark.slow
 BACKBONE = "efficientnet_lite0"
 
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
 
 
 def fast_two_ranks(params: dict) -> None:

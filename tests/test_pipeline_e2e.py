@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import copy_project, kill_tree, project_env, run_queue, stage_processes
+from helpers import copy_project, kill_tree, project_env, run_queue, stage_processes, output as run
 from transferlab import cli, tracking
 from transferlab import device as device_module
 from transferlab.training import finetune as finetune_training
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.slow
 E2E_EPOCHS = 3
 QUEUE_WAIT_S = 900
 
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
 
 
 def ran_stages(output: str) -> set[str]:

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import copy_project, project_env
+from helpers import copy_project, project_env, output as run
 
 pytestmark = pytest.mark.slow
 BACKBONE = "efficientnet_lite0"
 
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
 
 
 def test_probe_recommends_and_auto_fine_tunes_with_it(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import PROJECT_ROOT, copy_project, project_env
+from helpers import PROJECT_ROOT, copy_project, project_env, output as run
 from transferlab import tracking
 from transferlab.models import cam
 from transferlab.models.features import load_part
@@ -52,11 +52,6 @@ window.addEventListener("load", () => {
 });
 </script>"""
 
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
 
 
 def _fast(params: dict) -> None:
