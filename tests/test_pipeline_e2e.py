@@ -282,9 +282,9 @@ def test_every_stage_and_predict_send_tensors_and_model_to_the_resolved_device(
     monkeypatch.chdir(root)
     backbone = "efficientnet_lite0"
     images = [str(root / "data/raw/faces/face_000.png")]
+    # not the probe: it forwards no image, it reads the block vectors extract kept (tests/test_features.py)
     calls = {
         "extract": lambda: load_stage(root, "extract", monkeypatch).main([backbone, "--out", str(tmp_path / "f")]),
-        "probe": lambda: load_stage(root, "probe", monkeypatch).main([backbone, "--out", str(tmp_path / "p.json")]),
         "train_head": lambda: load_stage(root, "train_head", monkeypatch).main(
             [backbone, "gap", "--out", str(tmp_path / "h")]),
         "finetune": lambda: load_stage(root, "finetune", monkeypatch).main([backbone, "--out", str(tmp_path / "t")]),
