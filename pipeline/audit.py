@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 from transferlab import config, paths, tracking
-from transferlab.audit.job import audit
 from transferlab.errors import exit_on_user_error
 
 
@@ -25,9 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     all_params = config.load(paths.PARAMS)
     params, backbone = all_params.audit, all_params.audited_backbone()
-    store = tracking.open_store()
     logged = config.as_dict(params) | {"backbone": backbone}
-    with tracking.stage_run("audit", logged, args.sheets / paths.RUN_RECORD, store=store) as run:
+    with tracking.start() as tracker:  # MLflow opens in a helper process while _run imports the stage's code
+        _run(args, params, backbone, logged, tracker)
+
+
+def _run(args: argparse.Namespace, params: config.AuditParams, backbone: str, logged: dict,
+         tracker: tracking.Tracker) -> None:
+    from transferlab.audit.job import audit
+
+    with tracker.stage_run("audit", logged, args.sheets / paths.RUN_RECORD) as run:
         report = audit(args.features / backbone, args.images, args.images / paths.MANIFEST.name,
                        args.images / paths.INGEST_REPORT.name, params, args.out, args.sheets)
         counts = report["counts"]

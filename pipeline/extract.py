@@ -11,18 +11,14 @@ writes the store (the same bytes as one process) and the one MLflow run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
-import torch
-
 from transferlab import config, paths, tracking
-from transferlab.models.backbones import load_backbone
 from transferlab.config import ParamsError
-from transferlab.device import decode_workers, resolve_device
-from transferlab.distributed import init_ranks, main_only, relaunch
+from transferlab.distributed.launch import is_rank_zero, relaunch
 from transferlab.errors import exit_on_user_error
-from transferlab.models.features import RANDOM_INIT_SEED, extract
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,15 +32,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     name = args.backbone
     all_params = config.load(paths.PARAMS)
-    params, compute = all_params.extract, all_params.compute
+    params = all_params.extract
     if name not in params.backbones:
         raise ParamsError(f"extract: {name!r} is not in extract.backbones {params.backbones}")
     out = args.out or paths.features(name)
     relaunch(f"extract@{name}", all_params.distributed, args.node_rank)  # returns in each rank, or alone
+    # rank 0 alone logs: MLflow opens in a helper process while _run imports torch and the stage's code
+    with tracking.start() if is_rank_zero() else contextlib.nullcontext() as tracker:
+        _run(name, args, all_params, out, tracker)
+
+
+def _run(name: str, args: argparse.Namespace, all_params: config.Params, out: Path,
+         tracker: tracking.Tracker | None) -> None:
+    import torch
+
+    from transferlab.device import decode_workers, resolve_device
+    from transferlab.distributed import init_ranks, main_only
+    from transferlab.models.backbones import load_backbone
+    from transferlab.models.features import RANDOM_INIT_SEED, extract
+
+    params, compute = all_params.extract, all_params.compute
     with init_ranks(all_params.distributed, resolve_device(compute.device)) as ranks:
         device = ranks.device(resolve_device(compute.device))
         workers = decode_workers(compute.num_workers, device)
-        store = tracking.open_store() if ranks.is_main else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             backbone = load_backbone(name, params.weights.get(name), params.weights_path.get(name))
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                   "keep_maps": params.keep_maps, "device": str(device), "num_workers": workers,
                   "world_size": ranks.world}
         record = out.with_name(f"{out.name}.run.json")
-        with main_only(ranks, lambda: tracking.stage_run(f"extract@{name}", logged, record, store=store)) as run:
+        with main_only(ranks, lambda: tracker.stage_run(f"extract@{name}", logged, record)) as run:
             tally: dict[str, int] = {}
             started = time.perf_counter()
             manifest = extract(backbone, args.split, args.images, out, params.batch_size, params.keep_maps,

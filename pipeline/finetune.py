@@ -13,16 +13,17 @@ MLflow run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transferlab import config, paths, tracking
 from transferlab.config import ParamsError
-from transferlab.distributed.ranks import Ranks
-from transferlab.device import resolve_device
-from transferlab.distributed import init_ranks, main_only, relaunch
+from transferlab.distributed.launch import is_rank_zero, relaunch
 from transferlab.errors import exit_on_user_error
-from transferlab.probe.choice import resolve
-from transferlab.training.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
+
+if TYPE_CHECKING:
+    from transferlab.distributed import Ranks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,24 +46,37 @@ def main(argv: list[str] | None = None) -> None:
         raise ParamsError(f"finetune: {name!r} is not in finetune.backbones {params.backbones}")
     out = args.out or paths.finetune_dir(name)
     relaunch(f"finetune@{name}", all_params.distributed, args.node_rank)  # returns in each rank, or alone
+    # rank 0 alone logs: MLflow opens in a helper process while _run imports torch and the stage's code
+    with tracking.start() if is_rank_zero() else contextlib.nullcontext() as tracker:
+        _run(name, args, all_params, out, tracker)
+
+
+def _run(name: str, args: argparse.Namespace, all_params: config.Params, out: Path,
+         tracker: tracking.Tracker | None) -> None:
+    from transferlab.device import resolve_device
+    from transferlab.distributed import init_ranks
+
     with init_ranks(all_params.distributed, resolve_device(all_params.compute.device)) as ranks:
-        _train(name, args, all_params, out, ranks)
+        _train(name, args, all_params, out, ranks, tracker)
 
 
-def _train(name: str, args: argparse.Namespace, all_params: config.Params, out: Path, ranks: Ranks) -> None:
+def _train(name: str, args: argparse.Namespace, all_params: config.Params, out: Path, ranks: Ranks,
+           tracker: tracking.Tracker | None) -> None:
+    from transferlab.distributed import main_only
+    from transferlab.probe.choice import resolve
+    from transferlab.training.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
+
     params, extract = all_params.finetune, all_params.extract
     params, choice = resolve(params, args.probe or paths.probe_report(name))
     if choice is not None and ranks.is_main:
         print(f"finetune@{name}: strategy auto chose {choice['chosen']}. {choice['reason']}", flush=True)
-    store = tracking.open_store() if ranks.is_main else None
     job = FinetuneJob(name, params, args.split, args.images, out, extract.weights.get(name),
                       extract.weights_path.get(name), args.heads or paths.HEADS / name,
                       head_kinds=all_params.train_head.kinds, device=all_params.compute.device, choice=choice)
     logged = {"backbone": name, "weights": job.weights, "weights_path": job.weights_path, **params.model_dump(),
               "strategy_requested": choice["requested"] if choice else params.strategy, "world_size": ranks.world,
               "batch_size_per_rank": params.batch_size // ranks.world}
-    with main_only(ranks, lambda: tracking.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD,
-                                                     store=store)) as run:
+    with main_only(ranks, lambda: tracker.stage_run(f"finetune@{name}", logged, out / paths.RUN_RECORD)) as run:
         result = finetune(job, ranks=ranks)
         if not ranks.is_main:
             return

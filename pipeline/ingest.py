@@ -10,7 +10,6 @@ from pathlib import Path
 
 from transferlab import config, paths, tracking
 from transferlab.errors import exit_on_user_error
-from transferlab.data.ingest import ingest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,8 +18,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=paths.PREPARED, help=f"default: {paths.PREPARED}")
     args = parser.parse_args(argv)
     params = config.section("ingest")
-    store = tracking.open_store()
-    with tracking.stage_run("ingest", config.as_dict(params), args.out / paths.RUN_RECORD, store=store) as run:
+    with tracking.start() as tracker:  # MLflow opens in a helper process while _run imports the stage's code
+        _run(args, params, tracker)
+
+
+def _run(args: argparse.Namespace, params: config.IngestParams, tracker: tracking.Tracker) -> None:
+    from transferlab.data.ingest import ingest
+
+    with tracker.stage_run("ingest", config.as_dict(params), args.out / paths.RUN_RECORD) as run:
         report = ingest(args.raw, args.out, params, progress=True)
         run.log_metrics({
             "images_seen": report["total"]["seen"],

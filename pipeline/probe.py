@@ -18,7 +18,6 @@ from pathlib import Path
 from transferlab import config, paths, tracking
 from transferlab.config import ParamsError
 from transferlab.errors import exit_on_user_error
-from transferlab.probe.job import probe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,10 +34,17 @@ def main(argv: list[str] | None = None) -> None:
         raise ParamsError(f"probe: {name!r} is not in finetune.backbones {all_params.finetune.backbones}")
     out = args.out or paths.probe_report(name)
     store = args.features or paths.features(name)
-    tracker = tracking.open_store()
     logged = {"backbone": name, "features": str(store), **params.model_dump()}
-    with tracking.stage_run(f"probe@{name}", logged, out.with_suffix(".run.json"), store=tracker) as run:
-        content, seconds = probe(store, args.split, out, params)
+    with tracking.start() as tracker:  # MLflow opens in a helper process while _run imports the stage's code
+        _run(name, store, args.split, out, params, logged, tracker)
+
+
+def _run(name: str, store: Path, split: Path, out: Path, params: config.ProbeParams, logged: dict,
+         tracker: tracking.Tracker) -> None:
+    from transferlab.probe.job import probe
+
+    with tracker.stage_run(f"probe@{name}", logged, out.with_suffix(".run.json")) as run:
+        content, seconds = probe(store, split, out, params)
         rec = content["recommendation"]
         run.log_metrics({**seconds, **{f"probe_acc.{b['block']}": b["val_accuracy"] for b in content["blocks"]},
                          "imagenet_similarity": content["measures"]["imagenet_similarity"]["value"]})

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from transferlab import config, paths, tracking
 from transferlab.errors import exit_on_user_error
-from transferlab.data.split import summarize, write_split
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,8 +19,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record", type=Path, default=paths.SPLIT_RECORD, help=f"default: {paths.SPLIT_RECORD}")
     args = parser.parse_args(argv)
     params = config.section("split")
-    store = tracking.open_store()
-    with tracking.stage_run("split", config.as_dict(params), args.record, store=store) as run:
+    with tracking.start() as tracker:  # MLflow opens in a helper process while _run imports the stage's code
+        _run(args, params, tracker)
+
+
+def _run(args: argparse.Namespace, params: config.SplitParams, tracker: tracking.Tracker) -> None:
+    from transferlab.data.split import summarize, write_split
+
+    with tracker.stage_run("split", config.as_dict(params), args.record) as run:
         split = write_split(args.manifest, args.out, params)
         counts = summarize(split)
         run.log_metrics({f"n_{part}": sum(c.values()) for part, c in counts.items()})

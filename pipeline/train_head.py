@@ -12,10 +12,8 @@ import argparse
 from pathlib import Path
 
 from transferlab import config, paths, tracking
-from transferlab.device import resolve_device
 from transferlab.errors import exit_on_user_error
 from transferlab.models.heads import registry
-from transferlab.training.heads import check_data, train_head
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,16 +23,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, help="feature store (default: data/features/<backbone>)")
     parser.add_argument("--out", type=Path, help="default: models/heads/<backbone>/<head>")
     args = parser.parse_args(argv)
-    backbone, kind = args.backbone, args.head
     all_params = config.load(paths.PARAMS)
+    with tracking.start() as tracker:  # MLflow opens in a helper process while _run imports the stage's code
+        _run(args, all_params, tracker)
+
+
+def _run(args: argparse.Namespace, all_params: config.Params, tracker: tracking.Tracker) -> None:
+    from transferlab.device import resolve_device
+    from transferlab.training.heads import check_data, train_head
+
+    backbone, kind = args.backbone, args.head
     params = all_params.train_head.head(kind)
     device = resolve_device(all_params.compute.device)
     features = args.features or paths.features(backbone)
     out = args.out or paths.head_dir(backbone, kind)
     check_data(kind, params, features)  # before any run is logged
-    store = tracking.open_store()
     logged = {"backbone": backbone, "head": kind, **params.model_dump(), "device": str(device)}
-    with tracking.stage_run(f"train_head@{backbone}-{kind}", logged, out / paths.RUN_RECORD, store=store) as run:
+    with tracker.stage_run(f"train_head@{backbone}-{kind}", logged, out / paths.RUN_RECORD) as run:
         result = train_head(kind, params, features, out, device)
         curve, metrics = result.curve, result.metrics
         run.log_history({c: curve[c].tolist() for c in curve.columns if c != "step"})

@@ -82,3 +82,24 @@ def test_light_stages_skip_heavy_imports(script: str) -> None:
              f"print(sorted(m for m in {LIGHT_STAGES[script]!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# A stage starts its tracker (tracking.start: MLflow opens in a helper process) before it pays for torch,
+# scikit-learn or MLflow, so the two run side by side on two cores. evaluate keeps MLflow in-process
+# (it registers the champion through MLflow's fluent API) and preflight never opens the store.
+TRACKED_STAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pipeline").glob("*.py")
+                        if p.stem not in ("evaluate", "preflight"))
+
+
+@pytest.mark.parametrize("script", TRACKED_STAGES)
+def test_stages_start_their_tracker_before_heavy_imports(script: str) -> None:
+    import subprocess
+    import sys
+
+    heavy = ("torch", "sklearn", "mlflow", "pandas")
+    probe = (f"import runpy, sys; sys.argv = [{script!r}]; "
+             f"runpy.run_path({script!r}, run_name='probe'); "
+             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert "tracking.start(" in (ROOT / script).read_text(encoding="utf-8")

@@ -83,8 +83,11 @@ def uncalibrated_svm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[P
         yield StageRun("run", "parent", stage, client)
 
     monkeypatch.setattr(config, "load", lambda *a, **k: config.Params().model_copy(update={"train_head": params}))
-    monkeypatch.setattr(tracking, "open_store", lambda *a, **k: None)
-    monkeypatch.setattr(tracking, "stage_run", stage_run)
+    class Recording(tracking.Tracker):  # what the stage logs through, in place of the helper process
+        def stage_run(self, stage: str, logged: Any, record: Path) -> Any:
+            return stage_run(stage, logged, record)
+
+    monkeypatch.setattr(tracking, "start", lambda *a, **k: Recording())
     out = heads / BACKBONE / "svm"
     load_stage("train_head").main([BACKBONE, "svm", "--features", str(features / BACKBONE), "--out", str(out)])
     return features, heads, client

@@ -250,8 +250,13 @@ def meta_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, torch.
     def no_run(*_: Any, **__: Any) -> Iterator[Any]:
         yield SimpleNamespace()
 
-    monkeypatch.setattr(tracking, "open_store", lambda *a, **k: None)
+    class Untracked(tracking.Tracker):
+        def stage_run(self, *_: Any, **__: Any) -> Any:
+            return no_run()
+
+    monkeypatch.setattr(tracking, "open_store", lambda *a, **k: None)  # evaluate tracks in-process
     monkeypatch.setattr(tracking, "stage_run", no_run)
+    monkeypatch.setattr(tracking, "start", lambda *a, **k: Untracked())
     seen: list[tuple[str, torch.device, torch.device]] = []
 
     def spy(module: torch.nn.Module, args: tuple[Any, ...]) -> None:

@@ -11,7 +11,22 @@ With one process nothing here starts a process group: the stages run as they
 always did.
 """
 
-from transferlab.distributed.launch import DistributedError, relaunch, under_torchrun
-from transferlab.distributed.ranks import SINGLE, Ranks, init_ranks, main_only
+from __future__ import annotations
 
-__all__ = ["SINGLE", "DistributedError", "Ranks", "init_ranks", "main_only", "relaunch", "under_torchrun"]
+from typing import Any
+
+from transferlab.distributed.launch import DistributedError, is_rank_zero, relaunch, under_torchrun
+
+_RANKS = frozenset({"SINGLE", "Ranks", "init_ranks", "main_only"})
+
+__all__ = ["DistributedError", "is_rank_zero", "relaunch", "under_torchrun", *sorted(_RANKS)]
+
+
+def __getattr__(name: str) -> Any:
+    # ranks imports torch: loaded on first use, so importing launch stays light and a stage can start its
+    # tracker (transferlab.tracking.sidecar) before paying for torch
+    if name in _RANKS:
+        from transferlab.distributed import ranks
+
+        return getattr(ranks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

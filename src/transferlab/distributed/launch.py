@@ -30,6 +30,7 @@ from transferlab.errors import UserError
 
 # torchrun sets these in every worker; TORCHELASTIC_RUN_ID only torchrun does
 WORKER_ENV = "TORCHELASTIC_RUN_ID"
+RANK_ENV = "RANK"
 MONITOR_INTERVAL_S = 0.5  # how often torchrun's agent looks at its workers: a dead one is seen within this
 
 
@@ -39,6 +40,11 @@ class DistributedError(UserError):
 
 def under_torchrun() -> bool:
     return WORKER_ENV in os.environ
+
+
+def is_rank_zero() -> bool:
+    """Whether this process logs: the only one, or torchrun's rank 0 (from its variables, as init_ranks reads them)."""
+    return os.environ.get("WORLD_SIZE", "1") == "1" or os.environ.get(RANK_ENV, "0") == "0"
 
 
 def torchrun_args(params: DistributedParams, script: str, argv: list[str], node_rank: int | None = None) -> list[str]:

@@ -3,6 +3,8 @@
 - :mod:`~transferlab.tracking.store`: where the store is, one client per stage, failing fast;
 - :mod:`~transferlab.tracking.execution`: what one pipeline execution is (the execution key);
 - :mod:`~transferlab.tracking.runs`: stage runs, their parent, orphaned runs, executions for ``compare``;
+- :mod:`~transferlab.tracking.sidecar`: a stage's tracker, MLflow opened in a helper process
+  (:mod:`~transferlab.tracking.helper`) while the stage imports torch;
 - :mod:`~transferlab.tracking.compare`: executions side by side.
 
 The model registry (the champion) is :mod:`transferlab.serving.registry`: tracking never imports serving.
@@ -27,6 +29,7 @@ from transferlab.tracking.runs import (
     stable_hash,
     stage_run,
 )
+from transferlab.tracking.sidecar import Tracker, start
 from transferlab.tracking.store import (
     EXPERIMENT,
     REGISTRY_ENV,
@@ -44,8 +47,8 @@ from transferlab.tracking.store import (
 __all__ = [
     "EXPERIMENT", "REGISTRY_ENV", "STORE_DIR", "TAG_COMMIT", "TAG_DIRTY",
     "TAG_EXP_NAME", "TAG_HOST", "TAG_KEY", "TAG_KIND", "TAG_PARAMS_HASH", "TAG_PROCESS", "TAG_STAGE",
-    "TRACKING_ENV", "Execution", "StageRun", "Store", "TrackingError", "client",
+    "TRACKING_ENV", "Execution", "StageRun", "Store", "Tracker", "TrackingError", "client",
     "dvc_invoker", "execution_key", "executions", "experiment_id", "git_state", "link_test_figures",
-    "mark_orphans", "open_store", "project_root", "stable_hash", "stage_run",
+    "mark_orphans", "open_store", "project_root", "stable_hash", "stage_run", "start",
     "tracking_uri",
 ]

@@ -89,8 +89,9 @@ def _base_tags(root: str | Path, key: str) -> dict[str, str]:
     return tags
 
 
-def _owner_tags() -> dict[str, str]:
-    return {TAG_HOST: host_id(), TAG_PROCESS: this_process()}
+def _owner_tags(owner: str | None = None) -> dict[str, str]:
+    """Where the stage runs: this host, and the process doing the work (``owner``, else this one)."""
+    return {TAG_HOST: host_id(), TAG_PROCESS: owner or this_process()}
 
 
 def _parents(store: Store, key: str) -> list[Any]:
@@ -116,7 +117,7 @@ def _parent_lock(store: Store, key: str) -> Any:
     return FileLock(Path(tempfile.gettempdir()) / name, timeout=PARENT_LOCK_TIMEOUT_S)
 
 
-def parent_run(store: Store, root: str | Path, key: str) -> str:
+def parent_run(store: Store, root: str | Path, key: str, owner: str | None = None) -> str:
     """Id of the pipeline run for this execution, created on first use.
 
     Finding and creating happen under one lock, so two stages that start at
@@ -127,7 +128,7 @@ def parent_run(store: Store, root: str | Path, key: str) -> str:
         found = _parents(store, key)
         if found:
             return str(_first(found).info.run_id)
-        tags = _base_tags(root, key) | {TAG_KIND: KIND_PIPELINE} | _owner_tags()
+        tags = _base_tags(root, key) | {TAG_KIND: KIND_PIPELINE} | _owner_tags(owner)
         run = store.client.create_run(store.experiment_id,
                                       run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags)
     mine = str(run.info.run_id)
@@ -244,6 +245,50 @@ class StageRun:
         self._client.log_dict(self.run_id, obj, name)
 
 
+def begin_stage_run(store: Store, stage: str, params: Mapping[str, Any], root: str | Path = ".",
+                    owner: str | None = None) -> tuple[StageRun, str]:
+    """Open a stage's child run under this execution's parent and log its params; (handle, execution key).
+
+    ``owner`` is the identity of the process doing the stage's work (default:
+    this one), which :func:`mark_orphans` checks; the tracking helper process
+    (:mod:`~transferlab.tracking.sidecar`) passes the stage's.
+    """
+    key = execution_key(root)
+    with server_kept(store, stage):
+        parent = parent_run(store, root, key, owner)
+        mark_orphans(store, keep=frozenset({parent}))
+        tags = _base_tags(root, key) | _owner_tags(owner) | {
+            TAG_KIND: KIND_STAGE, TAG_STAGE: stage, TAG_PARAMS_HASH: stable_hash(dict(params)), TAG_PARENT: parent,
+        }
+        # the store's own client, not MLflow's fluent run stack: nothing process-wide changes per stage
+        run = store.client.create_run(store.experiment_id, run_name=stage, tags=tags)
+        handle = StageRun(str(run.info.run_id), parent, stage, store.client)
+    try:
+        with server_kept(store, stage):
+            handle.log_params(params)
+    except BaseException:
+        end_stage_run(store, handle, FAILED)
+        raise
+    return handle, key
+
+
+def end_stage_run(store: Store, handle: StageRun, status: str) -> None:
+    """Best effort: mark a stage run and its parent ``status`` (FAILED, KILLED); a server that is gone cannot be told."""
+    with contextlib.suppress(Exception):
+        store.client.set_terminated(handle.run_id, status=status)
+        store.client.set_terminated(handle.parent_run_id, status=status)
+
+
+def finish_stage_run(store: Store, handle: StageRun, key: str, record: str | Path) -> None:
+    """Mark the run and its parent FINISHED, then write the run record atomically to ``record``."""
+    with server_kept(store, handle.stage):
+        store.client.set_terminated(handle.run_id, status=FINISHED)
+        store.client.set_terminated(handle.parent_run_id, status=FINISHED)  # moves the parent's end time along
+    info = {"stage": handle.stage, "run_id": handle.run_id, "parent_run_id": handle.parent_run_id,
+            "experiment_id": store.experiment_id, "tracking_uri": store.uri, "execution_key": key}
+    atomic_write_text(record, json.dumps(info, indent=2) + "\n")
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], record: str | Path, root: str | Path = ".",
               store: Store | None = None) -> Iterator[StageRun]:
@@ -251,38 +296,22 @@ def stage_run(stage: str, params: Mapping[str, Any], record: str | Path, root: s
 
     On success the run record (run ids, store, stage) is written atomically to
     ``record``, a declared output of the stage, so outputs restored from the DVC
-    cache still name the run that produced them.
+    cache still name the run that produced them. A stage that raises marks its
+    run and the parent FAILED and writes no record.
     """
     store = store or open_store(root)
-    key = execution_key(root)
-    with _server_kept(store, stage):
-        parent = parent_run(store, root, key)
-        mark_orphans(store, keep=frozenset({parent}))
-        tags = _base_tags(root, key) | _owner_tags() | {
-            TAG_KIND: KIND_STAGE, TAG_STAGE: stage, TAG_PARAMS_HASH: stable_hash(dict(params)), TAG_PARENT: parent,
-        }
-        # the store's own client, not MLflow's fluent run stack: nothing process-wide changes per stage
-        run = store.client.create_run(store.experiment_id, run_name=stage, tags=tags)
-        handle = StageRun(str(run.info.run_id), parent, stage, store.client)
+    handle, key = begin_stage_run(store, stage, params, root)
     try:
-        with _server_kept(store, stage):
-            handle.log_params(params)
+        with server_kept(store, stage):
             yield handle
     except BaseException:
-        with contextlib.suppress(Exception):  # best effort: a server that is gone cannot be told
-            store.client.set_terminated(handle.run_id, status=FAILED)
-            store.client.set_terminated(parent, status=FAILED)
+        end_stage_run(store, handle, FAILED)
         raise
-    with _server_kept(store, stage):
-        store.client.set_terminated(handle.run_id, status=FINISHED)
-        store.client.set_terminated(parent, status=FINISHED)  # moves the parent's end time along
-    info = {"stage": stage, "run_id": handle.run_id, "parent_run_id": parent, "experiment_id": store.experiment_id,
-            "tracking_uri": store.uri, "execution_key": key}
-    atomic_write_text(record, json.dumps(info, indent=2) + "\n")
+    finish_stage_run(store, handle, key, record)
 
 
 @contextlib.contextmanager
-def _server_kept(store: Store, stage: str) -> Iterator[None]:
+def server_kept(store: Store, stage: str) -> Iterator[None]:
     """A tracking server lost mid-stage becomes one TrackingError line; DVC then records no outputs.
 
     The stage fails rather than finishing unlogged: its outputs would otherwise
