@@ -152,6 +152,31 @@ def test_the_audit_writes_its_findings_and_sheets_the_same_each_run(tmp_path: Pa
     assert json.loads((root / "again/audit.json").read_text())["leaks"] == report["leaks"]
 
 
+def test_leak_sheet_shows_each_pair_side_by_side_under_its_captions(tmp_path: Path) -> None:
+    from transferlab.audit.sheets import PAD, THUMB, leak_sheet
+
+    colours = {"test/a.png": (200, 0, 0), "train/a.png": (0, 200, 0), "val/b.png": (0, 0, 200),
+               "train/b.png": (200, 200, 0)}
+    for name, colour in colours.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (40, 20), colour).save(tmp_path / name)  # small and wide: scaled up, kept 2:1
+    leaks = [{"path": p, "part": p.split("/")[0], "label": "a", "similarity": 0.9, "match": m,
+              "match_part": m.split("/")[0], "match_label": "a"}
+             for p, m in [("test/a.png", "train/a.png"), ("val/b.png", "train/b.png")]]
+    leak_sheet(leaks, tmp_path, tmp_path / "leaks.png", rows=5)
+    sheet = Image.open(tmp_path / "leaks.png").convert("RGB")
+    width, height = sheet.size[0] // 2, sheet.size[1] // 2  # two pairs: a 2 x 2 grid of cells
+    assert sheet.size[1] % 2 == 0 and width >= THUMB
+    for i, name in enumerate(colours):
+        left, top = (i % 2) * width, (i // 2) * height
+        assert sheet.getpixel((left + width // 2, top + height - PAD - THUMB // 2)) == colours[name]
+        assert sheet.getpixel((left + width // 2, top + height - PAD - THUMB // 8)) == (255, 255, 255)  # 2:1 kept
+        caption = np.asarray(sheet.crop((left, top, left + width, top + height - PAD - THUMB)))
+        assert (caption < 100).any()  # its caption is written above it
+    leak_sheet(leaks, tmp_path, tmp_path / "one.png", rows=1)
+    assert Image.open(tmp_path / "one.png").size == (sheet.size[0], height)
+
+
 def test_audit_prints_what_it_found_with_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = write_project(tmp_path)
     report = run_audit(root)

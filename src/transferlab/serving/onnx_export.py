@@ -100,8 +100,9 @@ def export_onnx(predictor_dir: str | Path, out: str | Path) -> Path:
                           output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     model = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(model, metadata(spec))
-    onnx.checker.check_model(model)
+    payload = model.SerializeToString()  # once: check_model would serialize a ModelProto again (tens of MB)
+    onnx.checker.check_model(payload)
     out = Path(out)
     with atomic_path(out, suffix=".onnx") as tmp:
-        Path(tmp).write_bytes(model.SerializeToString())
+        Path(tmp).write_bytes(payload)
     return out
