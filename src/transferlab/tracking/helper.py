@@ -9,6 +9,7 @@ with its traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -78,6 +79,7 @@ def serve(conn: Connection, root: str) -> None:
             request = conn.recv()
         except EOFError:
             served.abandoned()
+            gc.freeze()  # the process ends now: spare its shutdown the collections over MLflow (see errors.py)
             return
         try:
             answer: tuple[str, Any] = ("ok", served.handle(*request))
