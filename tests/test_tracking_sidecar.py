@@ -124,6 +124,12 @@ def test_the_stages_handle_forwards_exactly_stage_run_methods() -> None:
         handle._client  # noqa: B018 - the in-process client is not reachable through the helper
 
 
+def test_the_environment_can_keep_tracking_in_process(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSFERLAB_TRACKING_HELPER", "0")
+    with tracking.start(store) as tracker:
+        assert not isinstance(tracker, Sidecar) and tracker.store.uri == tracking.tracking_uri(store)
+
+
 def test_without_background_the_store_opens_in_process(store: Path) -> None:
     with tracking.start(store, background=False) as tracker:
         assert tracker.store.uri == tracking.tracking_uri(store)

@@ -38,6 +38,7 @@ from transferlab.tracking.runs import FAILED, stage_run
 from transferlab.tracking.store import TrackingError, open_store
 
 HELPER = "transferlab.tracking.helper"  # the module the helper process runs
+HELPER_ENV = "TRANSFERLAB_TRACKING_HELPER"  # "0": track in the stage's own process (bench/demo.py compares both)
 # StageRun's methods a stage calls; each becomes one request to the helper
 FORWARDED = frozenset({"log_params", "log_metrics", "log_history", "set_tags", "log_artifact", "log_dict"})
 POLL_S = 0.5  # how often a stage waiting for an answer checks that the helper still lives
@@ -139,8 +140,9 @@ class RemoteRun:
 def start(root: str | Path = ".", background: bool = True) -> Tracker:
     """The stage's tracker: a :class:`Sidecar` (where processes can inherit a socket: POSIX), else in-process.
 
-    Call it before the stage's heavy imports; that is the whole point.
+    Call it before the stage's heavy imports; that is the whole point. ``$TRANSFERLAB_TRACKING_HELPER=0``
+    keeps tracking in-process everywhere.
     """
-    if background and os.name == "posix":
+    if background and os.name == "posix" and os.environ.get(HELPER_ENV, "1") != "0":
         return Sidecar(root)
     return InProcess(root)
