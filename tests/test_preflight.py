@@ -1,10 +1,13 @@
 """The preflight stage: the whole params.yaml, the dataset and the store checked before any work."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from transferlab import preflight
+from transferlab import block_layouts, preflight
 from transferlab.config import ParamsError
 
 
@@ -70,3 +73,12 @@ def test_strategy_auto_passes_whatever_last_blocks_says(project: Path) -> None:
     # last_blocks bounds apply to an explicit last_blocks only: auto takes the probe's count
     out = _run(project, "finetune: {strategy: auto, last_blocks: 50}\n")
     assert out.read_text() == preflight.OK_TEXT
+
+
+def test_shipped_layouts_are_what_the_adapter_builds_now() -> None:
+    shipped = json.loads(block_layouts.SHIPPED.read_text(encoding="utf-8"))
+    built = block_layouts.build()
+    stale = f"{block_layouts.SHIPPED.name} is stale: run `{block_layouts.REGENERATE}` and commit it"
+    assert shipped["versions"] == built["versions"] == block_layouts.layout_key(), stale
+    assert shipped["blocks"] == built["blocks"], stale
+    assert {"efficientnet_lite0", "resnet18", "vgg16", "inception_v3", "densenet121"} <= set(shipped["blocks"])
