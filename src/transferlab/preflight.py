@@ -19,6 +19,7 @@ from transferlab.config import Params, ParamsError, load
 from transferlab.errors import UserError
 from transferlab.io import atomic_write_json, atomic_write_text
 
+# layouts of backbones the package does not ship (timm- names, other library versions), once built
 BLOCKS_CACHE = Path(".dvc/tmp/transferlab-blocks.json")
 OK_TEXT = "params.yaml, the dataset and the MLflow store were checked before this pipeline ran\n"
 
@@ -28,16 +29,22 @@ class DataMissingError(UserError):
 
 
 def block_names(backbone: str, cache: Path = BLOCKS_CACHE) -> list[str]:
-    """The backbone's block names, cached per library versions (building it needs torch: seconds)."""
-    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    """The backbone's block names: the project's cache, else the layouts shipped with the package, else built
+    (that needs torch: seconds) and cached. Both count only under the running library versions and adapter
+    code (block_layouts.layout_key), so a stale one is never read."""
     key = block_layouts.layout_key()
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
     if stored.get("versions") != key:
         stored = {"versions": key, "blocks": {}}
-    if backbone not in stored["blocks"]:
-        from transferlab.models.backbones import block_names as build
+    if backbone in stored["blocks"]:
+        return list(stored["blocks"][backbone])
+    shipped = block_layouts.shipped(key)
+    if backbone in shipped:
+        return list(shipped[backbone])
+    from transferlab.models.backbones import block_names as build
 
-        stored["blocks"][backbone] = build(backbone)
-        atomic_write_json(cache, stored)
+    stored["blocks"][backbone] = build(backbone)
+    atomic_write_json(cache, stored)
     return list(stored["blocks"][backbone])
 
 
