@@ -10,21 +10,17 @@ tracking server must answer. Each failure is one line naming what to change.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
-from importlib.metadata import version
 from pathlib import Path
 
+from transferlab import block_layouts
 from transferlab.config import Params, ParamsError, load
 from transferlab.errors import UserError
-from transferlab.io import atomic_write_json, atomic_write_text, sha256_file
+from transferlab.io import atomic_write_json, atomic_write_text
 
+# layouts of backbones the package does not ship (timm- names, other library versions), once built
 BLOCKS_CACHE = Path(".dvc/tmp/transferlab-blocks.json")
-# block layouts depend on these libraries' versions and on our adapter package's code
-LAYOUT_DISTRIBUTIONS = ("torch", "torchvision", "timm")
-ADAPTER_MODULE = "transferlab.models.backbones"
 OK_TEXT = "params.yaml, the dataset and the MLflow store were checked before this pipeline ran\n"
 
 
@@ -32,36 +28,23 @@ class DataMissingError(UserError):
     """The raw dataset is not where ingest reads it."""
 
 
-def _adapter_digest() -> str:
-    """sha256 over every .py file of the adapter package, in sorted order: any module's edit changes it."""
-    # find_spec locates the package without importing it (and so without importing torch).
-    spec = importlib.util.find_spec(ADAPTER_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        return "?"
-    files = sorted(path for folder in spec.submodule_search_locations for path in Path(folder).glob("*.py"))
-    combined = hashlib.sha256()
-    for path in files:
-        # The name goes in too, so moving code between modules changes the key.
-        combined.update(f"{path.name}\0{sha256_file(path)}\n".encode())
-    return combined.hexdigest()
-
-
-def _layout_key() -> str:
-    code = _adapter_digest()
-    return ",".join([*(f"{d}=={version(d)}" for d in LAYOUT_DISTRIBUTIONS), f"adapter={code[:16]}"])
-
-
 def block_names(backbone: str, cache: Path = BLOCKS_CACHE) -> list[str]:
-    """The backbone's block names, cached per library versions (building it needs torch: seconds)."""
+    """The backbone's block names: the project's cache, else the layouts shipped with the package, else built
+    (that needs torch: seconds) and cached. Both count only under the running library versions and adapter
+    code (block_layouts.layout_key), so a stale one is never read."""
+    key = block_layouts.layout_key()
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = _layout_key()
     if stored.get("versions") != key:
         stored = {"versions": key, "blocks": {}}
-    if backbone not in stored["blocks"]:
-        from transferlab.models.backbones import block_names as build
+    if backbone in stored["blocks"]:
+        return list(stored["blocks"][backbone])
+    shipped = block_layouts.shipped(key)
+    if backbone in shipped:
+        return list(shipped[backbone])
+    from transferlab.models.backbones import block_names as build
 
-        stored["blocks"][backbone] = build(backbone)
-        atomic_write_json(cache, stored)
+    stored["blocks"][backbone] = build(backbone)
+    atomic_write_json(cache, stored)
     return list(stored["blocks"][backbone])
 
 
