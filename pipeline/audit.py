@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferlab import config, paths, tracking
+from transferlab import collector, config, paths, tracking
 from transferlab.errors import exit_on_user_error
 
 
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace, params: config.AuditParams, backbone: str, logged: dict,
          tracker: tracking.Tracker) -> None:
-    from transferlab.audit.job import audit
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        from transferlab.audit.job import audit
 
     with tracker.stage_run("audit", logged, args.sheets / paths.RUN_RECORD) as run:
         report = audit(args.features / backbone, args.images, args.images / paths.MANIFEST.name,

@@ -15,25 +15,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
-from transferlab import config, paths, tracking
-from transferlab.audit.show import read_audit
-from transferlab.config import IngestParams
-from transferlab.device import decode_workers, resolve_device
+from transferlab import collector, config, paths, tracking
 from transferlab.errors import exit_on_user_error
-from transferlab.evaluation import html
-from transferlab.evaluation.evaluate import (
-    ModelRef, backbone_gflops, champion, figures, find_models, missing_outputs, score, without_leaks,
-)
-from transferlab.evaluation.reports import comparison_table, metric_summary, write_reports
-from transferlab.evaluation.tta import load_backbones, tta_scored
-from transferlab.io import sha256_file
-from transferlab.models.backbones import load_backbone
-from transferlab.models.features import read_manifest
-from transferlab.serving import registry
-from transferlab.serving.onnx_export import ONNX_FILE, ExportError, export_onnx
-from transferlab.serving.predictor import save_finetune_predictor, save_head_predictor
+
+# MLflow stays in this process (the champion is registered through its fluent API), so no tracking
+# helper: the heavy imports are here, with no collection meanwhile (transferlab.collector)
+with collector.importing():
+    import pandas as pd
+
+    from transferlab.audit.show import read_audit
+    from transferlab.config import IngestParams
+    from transferlab.device import decode_workers, resolve_device
+    from transferlab.evaluation import html
+    from transferlab.evaluation.evaluate import (
+        ModelRef, backbone_gflops, champion, figures, find_models, missing_outputs, score, without_leaks,
+    )
+    from transferlab.evaluation.reports import comparison_table, metric_summary, write_reports
+    from transferlab.evaluation.tta import load_backbones, tta_scored
+    from transferlab.io import sha256_file
+    from transferlab.models.backbones import load_backbone
+    from transferlab.models.features import read_manifest
+    from transferlab.serving import registry
+    from transferlab.serving.onnx_export import ONNX_FILE, ExportError, export_onnx
+    from transferlab.serving.predictor import save_finetune_predictor, save_head_predictor
 
 
 def build_predictor(ref: ModelRef, weights: str | None, weights_path: str | None, out: Path,
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(compute.device)
     workers = decode_workers(compute.num_workers, device)
     heads_dir, champion_dir = args.models / paths.HEADS.name, args.models / paths.CHAMPION.name
-    store = tracking.open_store()
+    with collector.importing():  # MLflow
+        store = tracking.open_store()
     logged = config.as_dict(params) | {"device": str(device), "num_workers": workers}
     with tracking.stage_run("evaluate", logged, args.reports / paths.RUN_RECORD, store=store) as run:
         kinds = list(all_params.train_head.kinds)  # the heads train_head trained

@@ -15,7 +15,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from transferlab import config, paths, tracking
+from transferlab import collector, config, paths, tracking
 from transferlab.config import ParamsError
 from transferlab.distributed.launch import is_rank_zero, relaunch
 from transferlab.errors import exit_on_user_error
@@ -44,12 +44,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(name: str, args: argparse.Namespace, all_params: config.Params, out: Path,
          tracker: tracking.Tracker | None) -> None:
-    import torch
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        import torch
 
-    from transferlab.device import decode_workers, resolve_device
-    from transferlab.distributed import init_ranks, main_only
-    from transferlab.models.backbones import load_backbone
-    from transferlab.models.features import RANDOM_INIT_SEED, extract
+        from transferlab.device import decode_workers, resolve_device
+        from transferlab.distributed import init_ranks, main_only
+        from transferlab.models.backbones import load_backbone
+        from transferlab.models.features import RANDOM_INIT_SEED, extract
 
     params, compute = all_params.extract, all_params.compute
     with init_ranks(all_params.distributed, resolve_device(compute.device)) as ranks:

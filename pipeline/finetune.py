@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transferlab import config, paths, tracking
+from transferlab import collector, config, paths, tracking
 from transferlab.config import ParamsError
 from transferlab.distributed.launch import is_rank_zero, relaunch
 from transferlab.errors import exit_on_user_error
@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(name: str, args: argparse.Namespace, all_params: config.Params, out: Path,
          tracker: tracking.Tracker | None) -> None:
-    from transferlab.device import resolve_device
-    from transferlab.distributed import init_ranks
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        from transferlab.device import resolve_device
+        from transferlab.distributed import init_ranks
 
     with init_ranks(all_params.distributed, resolve_device(all_params.compute.device)) as ranks:
         _train(name, args, all_params, out, ranks, tracker)
@@ -62,9 +63,10 @@ def _run(name: str, args: argparse.Namespace, all_params: config.Params, out: Pa
 
 def _train(name: str, args: argparse.Namespace, all_params: config.Params, out: Path, ranks: Ranks,
            tracker: tracking.Tracker | None) -> None:
-    from transferlab.distributed import main_only
-    from transferlab.probe.choice import resolve
-    from transferlab.training.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        from transferlab.distributed import main_only
+        from transferlab.probe.choice import resolve
+        from transferlab.training.finetune import CURVE_COLUMNS, META_FILE, MODEL_FILE, FinetuneJob, finetune
 
     params, extract = all_params.finetune, all_params.extract
     params, choice = resolve(params, args.probe or paths.probe_report(name))

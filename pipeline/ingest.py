@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferlab import config, paths, tracking
+from transferlab import collector, config, paths, tracking
 from transferlab.errors import exit_on_user_error
 
 
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace, params: config.IngestParams, tracker: tracking.Tracker) -> None:
-    from transferlab.data.ingest import ingest
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        from transferlab.data.ingest import ingest
 
     with tracker.stage_run("ingest", config.as_dict(params), args.out / paths.RUN_RECORD) as run:
         report = ingest(args.raw, args.out, params, progress=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferlab import config, paths, tracking
+from transferlab import collector, config, paths, tracking
 from transferlab.config import ParamsError
 from transferlab.errors import exit_on_user_error
 
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(name: str, store: Path, split: Path, out: Path, params: config.ProbeParams, logged: dict,
          tracker: tracking.Tracker) -> None:
-    from transferlab.probe.job import probe
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        from transferlab.probe.job import probe
 
     with tracker.stage_run(f"probe@{name}", logged, out.with_suffix(".run.json")) as run:
         content, seconds = probe(store, split, out, params)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferlab import config, paths, tracking
+from transferlab import collector, config, paths, tracking
 from transferlab.errors import exit_on_user_error
 
 
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace, params: config.SplitParams, tracker: tracking.Tracker) -> None:
-    from transferlab.data.split import summarize, write_split
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        from transferlab.data.split import summarize, write_split
 
     with tracker.stage_run("split", config.as_dict(params), args.record) as run:
         split = write_split(args.manifest, args.out, params)

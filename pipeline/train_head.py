@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferlab import config, paths, tracking
+from transferlab import collector, config, paths, tracking
 from transferlab.errors import exit_on_user_error
 from transferlab.models.heads import registry
 
@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace, all_params: config.Params, tracker: tracking.Tracker) -> None:
-    from transferlab.device import resolve_device
-    from transferlab.training.heads import check_data, train_head
+    with collector.importing():  # the stage's libraries (transferlab.collector: no collection meanwhile)
+        from transferlab.device import resolve_device
+        from transferlab.training.heads import check_data, train_head
 
     backbone, kind = args.backbone, args.head
     params = all_params.train_head.head(kind)

@@ -6,9 +6,10 @@ Stage scripts and the CLI print a ``UserError`` as one line and exit with
 
 from __future__ import annotations
 
-import gc
 import sys
 from typing import Callable, NoReturn
+
+from transferlab.collector import before_exit
 
 EXIT_USER_ERROR = 2  # the code argparse uses for bad arguments
 
@@ -20,17 +21,15 @@ class UserError(Exception):
 def exit_on_user_error(what: str, main: Callable[[], object]) -> None:
     """Run ``main``, a stage process's whole work; a UserError becomes ``<what>: error: <message>`` and exit code 2.
 
-    The process ends right after, so every object is then frozen out of the garbage collector
-    (``gc.freeze``): Python's shutdown otherwise runs full collections over all that torch, timm, scikit-learn
-    and MLflow created at import, about a second per stage process on 2 cores. Nothing else is skipped:
-    atexit handlers, finalizers and buffered output run as always.
+    The process ends right after: :func:`transferlab.collector.before_exit` spares its shutdown the
+    collector's passes over all it imported.
     """
     try:
         main()
     except UserError as exc:
         fail(what, exc)
     finally:
-        gc.freeze()
+        before_exit()
 
 
 def fail(what: str, exc: BaseException) -> NoReturn:

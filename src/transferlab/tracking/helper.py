@@ -9,7 +9,6 @@ with its traceback.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from transferlab.collector import before_exit, importing
 from transferlab.errors import UserError
 from transferlab.tracking.execution import process_id
 from transferlab.tracking.runs import KILLED, StageRun, begin_stage_run, end_stage_run, finish_stage_run, server_kept
@@ -73,13 +73,14 @@ class _Served:
 def serve(conn: Connection, root: str) -> None:
     """Open the store, then answer the stage's requests until it closes the pipe."""
     served = _Served(root, process_id(psutil.Process(os.getppid())))
-    served.open()
+    with importing():  # MLflow
+        served.open()
     while True:
         try:
             request = conn.recv()
         except EOFError:
             served.abandoned()
-            gc.freeze()  # the process ends now: spare its shutdown the collections over MLflow (see errors.py)
+            before_exit()
             return
         try:
             answer: tuple[str, Any] = ("ok", served.handle(*request))
