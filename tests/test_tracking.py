@@ -15,12 +15,8 @@ from transferlab import tracking
 
 
 @pytest.fixture()
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.setenv("TRANSFERLAB_EXECUTION", "exec-1")
-    (tmp_path / "params.yaml").write_text("split: {seed: 1}\n")
-    return tmp_path
+def store(tracked_project: Path) -> Path:
+    return tracked_project
 
 
 def children(root: Path, parent: str) -> list:

@@ -16,13 +16,9 @@ from transferlab.tracking.sidecar import FORWARDED, Sidecar
 
 
 @pytest.fixture()
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.setenv("TRANSFERLAB_EXECUTION", "exec-sidecar")
-    (tmp_path / "params.yaml").write_text("split: {seed: 1}\n")
-    (tmp_path / "report.json").write_text('{"kept": 3}\n')
-    return tmp_path
+def store(tracked_project: Path) -> Path:
+    (tracked_project / "report.json").write_text('{"kept": 3}\n')  # an artifact to log
+    return tracked_project
 
 
 def _log_everything(run: object, root: Path) -> None:
