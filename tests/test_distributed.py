@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from PIL import Image
 from helpers import tree_digest
 from transferlab import config
 from transferlab.config import ParamsError
-from transferlab.distributed.launch import torchrun_args
+from transferlab.distributed.launch import first_failure, torchrun_args
 from transferlab.training.finetune import CHECKPOINT_FILE, MODEL_FILE
 
 pytestmark = pytest.mark.slow  # each case starts 2-4 stage processes (torch imports: seconds each)
@@ -124,6 +125,13 @@ def test_global_batch_must_split_evenly_over_the_ranks() -> None:
         config.parse(config.Params, {"distributed": {"nnodes": 2, "node_rank": 2}})
     with pytest.raises(ParamsError, match="distributed.rdzv_endpoint"):
         config.parse(config.Params, {"distributed": {"rdzv_endpoint": "no-port"}})
+
+
+def test_the_rank_killed_by_a_signal_is_named_before_peers_that_raised_in_the_same_second() -> None:
+    fail = lambda seconds, code: SimpleNamespace(timestamp=seconds, exitcode=code)  # noqa: E731
+    assert first_failure({0: fail(100, 1), 1: fail(100, -9)}) == 1  # a tie in torchrun's whole seconds
+    assert first_failure({0: fail(99, 1), 1: fail(100, -9)}) == 0  # rank 0 failed a second earlier
+    assert first_failure({0: fail(100, 1), 1: fail(100, 1)}) == 0  # no signal: the lowest rank
 
 
 def test_one_node_picks_its_own_port_and_two_nodes_meet_at_the_endpoint() -> None:

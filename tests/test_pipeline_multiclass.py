@@ -1,7 +1,7 @@
 """The real `dvc repro` on 10 classes (a subset of builtin:digits), and what must fail before any work.
 
-Also: a SIGKILLed extract leaves nothing behind once the next `dvc repro` ran,
-and its MLflow run is no longer RUNNING; params typos and an unreachable
+Also: a SIGKILLed extract's MLflow run is marked KILLED by its tracking helper,
+and it leaves nothing behind once the next `dvc repro` ran; params typos and an unreachable
 tracking server fail at preflight, in seconds, with one line.
 """
 
@@ -86,7 +86,13 @@ def test_killed_extract_leaves_no_debris_and_no_running_run(project: tuple[Path,
     assert any(p.exists() for p in temps)  # the precondition: debris is there
     c, exp = tracking.client(root), tracking.experiment_id(root)
     (killed,) = c.search_runs([exp], filter_string="tags.`transferlab.stage` = 'extract@efficientnet_lite0'")
-    assert killed.info.status == "RUNNING"
+    # its tracking helper (a process of its own, which outlives the stage) saw the stage's end of the
+    # pipe close and marks the run and its parent KILLED at once, before any other stage runs
+    deadline = time.monotonic() + KILL_WAIT_S
+    while c.get_run(killed.info.run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert c.get_run(killed.info.run_id).info.status == "KILLED"
+    assert c.get_run(killed.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
 
     out = run(["dvc", "repro"], root, env)
     ran = ran_stages(out.stdout)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import NoReturn
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 from transferlab.config import DistributedParams
 from transferlab.errors import UserError
@@ -59,6 +60,18 @@ def torchrun_args(params: DistributedParams, script: str, argv: list[str], node_
         args += [f"--node-rank={rank}", f"--master-addr={host.strip('[]')}", f"--master-port={port}",
                  "--rdzv-backend=static", f"--rdzv-conf=timeout={params.timeout_s}"]
     return [*args, script, *argv]
+
+
+def first_failure(failures: Mapping[int, Any]) -> int:
+    """The rank that failed first, among torchrun's failures (``ChildFailedError.failures``).
+
+    torchrun stamps a failure without an error file in whole seconds, and its own
+    ``get_first_failure`` then names the lowest rank of a tie: rank 0, when its
+    collective saw the killed peer's socket close and it raised within the same
+    second. Within one second a rank killed by a signal is the cause, the ranks
+    that raised are its peers.
+    """
+    return min(failures, key=lambda r: (failures[r].timestamp, int(getattr(failures[r], "exitcode", 1)) >= 0, r))
 
 
 def _describe(rank: int, failure: object) -> str:
@@ -98,7 +111,8 @@ def _launch(stage: str, params: DistributedParams, node_rank: int | None) -> NoR
     try:
         run(parse_args(argv))
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        rank = first_failure(err.failures)
+        failure = err.failures[rank]
         others = sorted(set(err.failures) - {rank})
         also = f"; then ranks {others} (their peer gone)" if others else ""
         raise DistributedError(
