@@ -132,6 +132,8 @@ def test_the_rank_killed_by_a_signal_is_named_before_peers_that_raised_in_the_sa
     assert first_failure({0: fail(100, 1), 1: fail(100, -9)}) == 1  # a tie in torchrun's whole seconds
     assert first_failure({0: fail(99, 1), 1: fail(100, -9)}) == 0  # rank 0 failed a second earlier
     assert first_failure({0: fail(100, 1), 1: fail(100, 1)}) == 0  # no signal: the lowest rank
+    assert first_failure({0: fail(100, -15), 1: fail(100, -9)}) == 1  # SIGTERM: torchrun stopping rank 0
+    assert first_failure({0: fail(100, -15), 1: fail(100, 1)}) == 1  # rank 1 raised; torchrun stopped 0
 
 
 def test_one_node_picks_its_own_port_and_two_nodes_meet_at_the_endpoint() -> None:

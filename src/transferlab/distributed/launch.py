@@ -67,11 +67,18 @@ def first_failure(failures: Mapping[int, Any]) -> int:
 
     torchrun stamps a failure without an error file in whole seconds, and its own
     ``get_first_failure`` then names the lowest rank of a tie: rank 0, when its
-    collective saw the killed peer's socket close and it raised within the same
-    second. Within one second a rank killed by a signal is the cause, the ranks
-    that raised are its peers.
+    collective saw the killed peer's socket close and it raised, or when torchrun
+    itself stopped it with SIGTERM, within the same second. So within one second:
+    a rank killed by another signal (SIGKILL, SIGSEGV: the cause), then one that
+    exited with an error (its own, or its peer's loss), then one ended by SIGTERM
+    (what torchrun sends the ranks still running when it stops them).
     """
-    return min(failures, key=lambda r: (failures[r].timestamp, int(getattr(failures[r], "exitcode", 1)) >= 0, r))
+    def order(rank: int) -> tuple[int, int, int]:
+        code = int(getattr(failures[rank], "exitcode", 1))
+        cause = 2 if code == -signal.SIGTERM else 1 if code >= 0 else 0
+        return failures[rank].timestamp, cause, rank
+
+    return min(failures, key=order)
 
 
 def _describe(rank: int, failure: object) -> str:
